@@ -1,0 +1,95 @@
+"""Backend registry and the one dispatch rule of the ops API.
+
+A backend is an object with a ``name``, an ``availability()`` that says whether it can run here
+(and why not), a ``supports(device)`` test, and one method per op it implements, with the
+canonical signatures listed in ``memloc_kernels/backends/README.md``. The public functions in
+``memloc_kernels.ops`` validate and canonicalize their inputs, then call :func:`select`.
+
+The rule: an explicitly named backend must exist, be available and support the tensors' device,
+else :class:`BackendUnavailableError` names it and says why. ``"auto"`` takes, for the op and the
+device type, the first backend of :data:`AUTO_ORDER` that implements the op, is available and
+supports the device; the reference backend implements everything and runs everywhere, so
+``auto`` never fails for lack of an optional backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+
+BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
+
+# Per op and device type, the order in which "auto" tries backends. For CUDA tensors this is the
+# measured ranking on an H200 (see BENCHMARKS.md); ops not listed use the default order.
+AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
+    "default": {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")},
+}
+
+_MODULES = {
+    "reference": "memloc_kernels.backends.reference",
+    "cpu": "memloc_kernels.backends.cpu",
+    "triton": "memloc_kernels.backends.triton",
+    "cuda": "memloc_kernels.backends.cuda",
+}
+_loaded: dict[str, Any] = {}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run these tensors here."""
+
+
+def get_backend(name: str) -> Any:
+    """The backend object called ``name`` (imported on first use)."""
+    if name not in _MODULES:
+        raise ValueError(f"backend must be one of {', '.join(('auto',) + BACKEND_NAMES)}, got {name!r}")
+    if name not in _loaded:
+        try:
+            module = importlib.import_module(_MODULES[name])
+            _loaded[name] = module.BACKEND
+        except Exception as exc:  # an optional backend must never break the package import
+            _loaded[name] = _Missing(name, f"{type(exc).__name__}: {exc}")
+    return _loaded[name]
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run on this machine, in :data:`BACKEND_NAMES` order."""
+    return [name for name in BACKEND_NAMES if get_backend(name).availability()[0]]
+
+
+def select(op: str, backend: str, device: torch.device) -> Any:
+    """The backend that runs ``op`` on ``device`` under the dispatch rule above."""
+    if backend == "auto":
+        orders = AUTO_ORDER.get(op, AUTO_ORDER["default"])
+        order = orders.get(device.type, AUTO_ORDER["default"].get(device.type, ("reference",)))
+        for name in order:
+            candidate = get_backend(name)
+            if hasattr(candidate, op) and candidate.availability()[0] and candidate.supports(device):
+                return candidate
+        return get_backend("reference")
+    candidate = get_backend(backend)
+    ok, reason = candidate.availability()
+    if not ok:
+        raise BackendUnavailableError(f"backend {backend!r} is not available: {reason}")
+    if not candidate.supports(device):
+        raise BackendUnavailableError(f"backend {backend!r} cannot run tensors on {device}: {candidate.device_note}")
+    if not hasattr(candidate, op):
+        raise BackendUnavailableError(f"backend {backend!r} does not implement {op}")
+    return candidate
+
+
+class _Missing:
+    """Stands in for a backend whose module failed to import."""
+
+    device_note = "its module did not import"
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self._reason = reason
+
+    def availability(self) -> tuple[bool, str]:
+        return False, self._reason
+
+    def supports(self, device: torch.device) -> bool:
+        return False
