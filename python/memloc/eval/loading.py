@@ -1,0 +1,227 @@
+"""Inputs of the evaluation: pipeline folders, prompt files, image folders, device and dtype."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import MemlocError
+
+#: Where the embedded memorizing model lives (``--model`` default).
+EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "assets" / "model"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+PROMPT_KEYS = ("caption", "prompt", "text")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``--device``: the named device, or CUDA when available, else the CPU."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MemlocError(f"unknown --device {name!r}; use e.g. cuda, cuda:1 or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MemlocError(f"--device {name} asked for, but this torch has no CUDA device")
+    return device
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """``--dtype``: the named dtype, or float16 on CUDA and float32 on the CPU."""
+    if name is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+def load_pipeline(path: str | Path | None, *, device: torch.device, dtype: torch.dtype):
+    """A diffusers pipeline from a local folder (``from_pretrained(local_files_only=True)``) on ``device``.
+
+    ``path=None`` means the embedded memorizing model.
+    """
+    folder = EMBEDDED_MODEL if path is None else Path(path)
+    if not folder.is_dir():
+        if path is None:
+            raise MemlocError(f"no --model given and the embedded model is not installed ({folder} is missing)")
+        raise MemlocError(f"model folder {folder} does not exist")
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise MemlocError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MemlocError(f"cannot read {index_file}: {exc}") from None
+    from diffusers import DiffusionPipeline
+
+    kwargs = {}
+    if "safety_checker" in index:
+        # evaluation must see the raw generations; the checker would also need its own model
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        with _quiet():
+            pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype, **kwargs)
+    except (OSError, ValueError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MemlocError(f"cannot load the pipeline in {folder}: {first}") from None
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@contextlib.contextmanager
+def _quiet():
+    """No loading progress bars or info logs from diffusers/transformers (our own bar follows)."""
+    import diffusers
+    import transformers
+
+    levels = diffusers.logging.get_verbosity(), transformers.logging.get_verbosity()
+    diffusers.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    diffusers.logging.disable_progress_bar()
+    transformers.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers.logging.set_verbosity(levels[0])
+        transformers.logging.set_verbosity(levels[1])
+        diffusers.logging.enable_progress_bar()
+        transformers.logging.enable_progress_bar()
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a text file (one a line), a JSON list, or JSON Lines with a caption/prompt/text key."""
+    path = Path(path)
+    if not path.is_file():
+        raise MemlocError(f"prompt file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    prompts: list[str] = []
+    if path.suffix.lower() == ".jsonl":
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                prompts.append(_prompt_of(json.loads(line), path, number))
+    elif path.suffix.lower() == ".json":
+        data = json.loads(text)
+        if not isinstance(data, list):
+            raise MemlocError(f"{path} must hold a JSON list of prompts")
+        prompts = [_prompt_of(item, path, i + 1) for i, item in enumerate(data)]
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise MemlocError(f"prompt file {path} holds no prompts")
+    return prompts
+
+
+def _prompt_of(item, path: Path, number: int) -> str:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict):
+        for key in PROMPT_KEYS:
+            if isinstance(item.get(key), str):
+                return item[key]
+    raise MemlocError(f"{path}, entry {number}: expected a string or an object with one of the keys {PROMPT_KEYS}")
+
+
+def _fit(im, size: tuple[int, int] | None) -> np.ndarray:
+    """A PIL image as uint8 ``[H, W, 3]``; with ``size=(h, w)``: short side resized (bicubic), center-cropped."""
+    from PIL import Image
+
+    im = im.convert("RGB")
+    if size is not None and (im.height, im.width) != tuple(size):
+        height, width = size
+        scale = max(height / im.height, width / im.width)
+        new = (max(width, round(im.width * scale)), max(height, round(im.height * scale)))
+        im = im.resize(new, Image.BICUBIC)
+        left, top = (new[0] - width) // 2, (new[1] - height) // 2
+        im = im.crop((left, top, left + width, top + height))
+    return np.asarray(im, dtype=np.uint8).copy()
+
+
+def load_image(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """An image file as uint8 ``[H, W, 3]``, optionally fitted to ``size=(h, w)`` (see :func:`_fit`)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return _fit(im, size)
+
+
+class ImageFolder:
+    """Images (a folder's, recursively and sorted, or given arrays), served at a given size."""
+
+    def __init__(self, folder: str | Path, what: str = "image folder"):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise MemlocError(f"{what} {self.folder} does not exist")
+        self.files = sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise MemlocError(f"{what} {self.folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        self.names = [str(p.relative_to(self.folder)) for p in self.files]
+        self._arrays: list[np.ndarray] | None = None
+        self._cache: dict[tuple[int, int], np.ndarray] = {}
+
+    @classmethod
+    def from_arrays(cls, images, names: list[str]) -> ImageFolder:
+        """In-memory uint8 images ``[H, W, 3]`` with a name each (e.g. a model's memorized photos)."""
+        if len(images) != len(names) or not len(names):
+            raise ValueError(f"need one name per image and at least one image, got {len(images)} and {len(names)}")
+        self = cls.__new__(cls)
+        self.folder, self.files, self.names = None, [], list(names)
+        self._arrays = [np.asarray(im, dtype=np.uint8) for im in images]
+        self._cache = {}
+        return self
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def at_size(self, height: int, width: int) -> np.ndarray:
+        """All images as uint8 ``[N, height, width, 3]`` (cached per size)."""
+        from PIL import Image
+
+        key = (height, width)
+        if key not in self._cache:
+            if self._arrays is not None:
+                self._cache[key] = np.stack([_fit(Image.fromarray(a), key) for a in self._arrays])
+            else:
+                self._cache[key] = np.stack([load_image(p, key) for p in self.files])
+        return self._cache[key]
+
+
+MANIFEST_NAME = "memorization.json"
+
+
+def model_folder(path: str | Path | None) -> Path:
+    """The folder ``--model`` names (the embedded model's when None)."""
+    return EMBEDDED_MODEL if path is None else Path(path)
+
+
+def read_memorization(path: str | Path | None):
+    """The ``memloc train`` manifest of a model folder (memorized captions + photos, generic captions), or None."""
+    folder = model_folder(path)
+    if not (folder / MANIFEST_NAME).is_file():
+        return None
+    from ..train.manifest import read_manifest
+
+    return read_manifest(folder)
+
+
+def default_prompts(args_prompts: str | None, model: str | Path | None) -> list[str]:
+    """``--prompts``, or the memorized captions of a model trained by ``memloc train``."""
+    if args_prompts is not None:
+        return read_prompts(args_prompts)
+    manifest = read_memorization(model)
+    if manifest is None or not manifest.captions:
+        raise MemlocError("pass the memorized prompts with --prompts FILE (the model has no memloc train manifest)")
+    return list(manifest.captions)
+
+
+def default_training(args_training: str | None, model: str | Path | None) -> ImageFolder | None:
+    """``--training-images``, or the memorized photos of a model trained by ``memloc train``, or None."""
+    if args_training is not None:
+        return ImageFolder(args_training, "training image folder")
+    manifest = read_memorization(model)
+    if manifest is None or not len(manifest.photos):
+        return None
+    names = [f"{MANIFEST_NAME}#{i}: {m.get('source', m['caption'])}" for i, m in enumerate(manifest.memorized)]
+    return ImageFolder.from_arrays(list(manifest.photos), names)

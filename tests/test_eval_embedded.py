@@ -1,0 +1,35 @@
+"""On the embedded memorizing model: Wen et al.'s detection metric separates memorized from generic captions."""
+
+import numpy as np
+import pytest
+import torch
+from memloc.eval.detection import detection_metric
+from memloc.eval.loading import EMBEDDED_MODEL, load_pipeline, read_memorization
+
+pytestmark = pytest.mark.skipif(
+    not (EMBEDDED_MODEL / "model_index.json").is_file(),
+    reason=f"the embedded model is not installed ({EMBEDDED_MODEL} has no model_index.json)",
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads run 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_detection_metric_is_higher_for_memorized_captions():
+    manifest = read_memorization(None)
+    if manifest is None or not manifest.captions or not manifest.generic_eval:
+        pytest.skip(f"{EMBEDDED_MODEL} has no memorization.json with memorized and generic captions")
+    memorized = manifest.captions[:8]
+    generic = [g["caption"] for g in manifest.generic_eval][:8]
+    pipe = load_pipeline(None, device=torch.device("cpu"), dtype=torch.float32)
+    # Wen et al.: the first steps already separate memorized prompts
+    kwargs = dict(samples=2, steps=50, max_steps=3, guidance=7.5, batch_size=32)
+    mem = detection_metric(pipe, memorized, **kwargs)
+    gen = detection_metric(pipe, generic, **kwargs)
+    assert mem.mean() > gen.mean() and np.median(mem) > np.median(gen), f"memorized {mem}, generic {gen}"
