@@ -197,23 +197,28 @@ def memorized_masks(
         return []
     v.sparsity(sparsity)
     device = weights[0].device
-    args = []
+    ws, s3s, n3s, ks, words, views = [], [], [], [], [], []
     for i, (w, s, n) in enumerate(zip(weights, sumsqs, null_sumsqs)):
         v.weight(f"weights[{i}]", w)
         v.same_device(**{"weights[0]": weights[0], f"weights[{i}]": w, f"sumsqs[{i}]": s, f"null_sumsqs[{i}]": n})
         d_out, d_in = w.shape
         s3, n3, lead = _canonical_stats(f"sumsqs[{i}]", f"null_sumsqs[{i}]", s, n, d_in, check_finite)
-        out = None if outs is None else outs[i]
-        words = _output_words(out, True, (*lead, d_out, d_in), device)
-        args.append((w, s3, n3, topk_count(sparsity, d_in), words, out))
+        out_words = _output_words(None if outs is None else outs[i], True, (*lead, d_out, d_in), device)
+        ws.append(w)
+        s3s.append(s3)
+        n3s.append(n3)
+        ks.append(topk_count(sparsity, d_in))
+        words.append(out_words)
+        views.append(out_words.view(s3.shape[0], d_out, n_words(d_in)))
     impl = select("memorized_mask", backend, device)
-    views = [a[4].view(a[1].shape[0], a[0].shape[0], n_words(a[0].shape[1])) for a in args]
     if hasattr(impl, "memorized_mask_multi"):
-        impl.memorized_mask_multi([a[0] for a in args], [a[1] for a in args], [a[2] for a in args], [a[3] for a in args], views)
+        impl.memorized_mask_multi(ws, s3s, n3s, ks, views)
     else:
-        for a, view in zip(args, views):
-            impl.memorized_mask(a[0], a[1], a[2], a[3], view)
-    return [_deliver(a[4], a[5], True, a[0].shape[1], impl) for a in args]
+        for w, s3, n3, k, view in zip(ws, s3s, n3s, ks, views):
+            impl.memorized_mask(w, s3, n3, k, view)
+    return [
+        _deliver(wd, None if outs is None else outs[i], True, ws[i].shape[1], impl) for i, wd in enumerate(words)
+    ]
 
 
 def _output_words(out, packed: bool, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:

@@ -27,7 +27,9 @@ def add_common_args(parser: argparse.ArgumentParser, model: bool = True) -> None
             default=None,
             help="local diffusers pipeline folder (default: the embedded memorizing model)",
         )
-    parser.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
+    parser.add_argument(
+        "--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available)"
+    )
     parser.add_argument(
         "--dtype", default=None, choices=("float16", "bfloat16", "float32"),
         help="compute dtype (default: float16 on CUDA, float32 on CPU)",

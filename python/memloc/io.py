@@ -16,6 +16,8 @@ def check_writable(path: str | os.PathLike) -> Path:
     """Fail early, before long work, if ``path``'s folder cannot take a new file."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise MemlocError(f"output folder {parent} is a file")
     if not parent.exists():
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -37,6 +39,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -50,6 +53,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     if path.exists() and not path.is_dir():
         raise MemlocError(f"output path {path} is a file, expected a folder")
     parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise MemlocError(f"output folder {parent} is a file")
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -59,6 +64,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
             os.replace(path, old / "x")
@@ -69,3 +75,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -19,7 +19,8 @@ SD1_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpB
 
 def _bytes_to_unicode() -> dict[int, str]:
     """CLIP's reversible byte -> printable unicode character table."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = list(range(ord("!"), ord("~") + 1))
+    keep += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     chars = keep[:]
     extra = 0
     for b in range(256):
