@@ -1,0 +1,85 @@
+// Shared by the CUDA kernels: error checks, the device guard, element loads and warp helpers.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "ops.h"
+
+// Throws std::runtime_error("file:line: expr: <CUDA error>") when a CUDA runtime call fails.
+#define MEMLOC_CUDA_CHECK(expr)                                                                   \
+  do {                                                                                            \
+    const cudaError_t memloc_err_ = (expr);                                                       \
+    if (memloc_err_ != cudaSuccess) {                                                             \
+      throw std::runtime_error(std::string(__FILE__) + ":" + std::to_string(__LINE__) + ": " +   \
+                               #expr + " failed: " + cudaGetErrorName(memloc_err_) + ": " +       \
+                               cudaGetErrorString(memloc_err_));                                  \
+    }                                                                                             \
+  } while (0)
+
+// After every <<<...>>> launch: a bad configuration is only reported by cudaGetLastError.
+#define MEMLOC_CUDA_CHECK_LAUNCH() MEMLOC_CUDA_CHECK(cudaGetLastError())
+
+// Throws std::invalid_argument (ValueError in Python) with a message when `cond` is false.
+#define MEMLOC_REQUIRE(cond, msg)                        \
+  do {                                                   \
+    if (!(cond)) throw std::invalid_argument(msg);       \
+  } while (0)
+
+namespace memloc::cuda {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Makes `device` current for the lifetime of the guard and restores the previous one. The
+// module links its own (static) CUDA runtime; both runtimes bind the device's primary context,
+// so torch's pointers and streams are valid here once the right device is current.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device);
+  ~DeviceGuard();
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+  int device_ = -1;
+};
+
+// Number of multiprocessors of `device` (cached); launch heuristics only, never results.
+int sm_count(int device);
+
+inline cudaStream_t as_stream(std::uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
+// Validates a dtype code and returns it as DType.
+DType checked_dtype(int code, const char* what, bool allow_float64);
+
+inline std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x);
+template <>
+__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <>
+__device__ __forceinline__ float to_float<float>(float x) { return x; }
+
+// h's element converted exactly to the accumulator type (every f16/bf16/f32 value is exact in
+// f32; an f64 input with an f32 accumulator rounds, as the reference's .to(float32) does).
+template <typename TAcc, typename T>
+__device__ __forceinline__ TAcc to_acc(T x) {
+  return static_cast<TAcc>(to_float<T>(x));
+}
+template <>
+__device__ __forceinline__ float to_acc<float, double>(double x) { return static_cast<float>(x); }
+template <>
+__device__ __forceinline__ double to_acc<double, double>(double x) { return x; }
+
+__device__ __forceinline__ unsigned lanemask_lt(int lane) { return (1u << lane) - 1u; }
+
+}  // namespace memloc::cuda

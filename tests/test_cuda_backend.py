@@ -1,0 +1,513 @@
+"""The CUDA C++ backend vs the reference oracle and the Triton backend: identical masks and bits, sums in tolerance.
+
+Runs on a CUDA GPU with ``memloc_kernels._C`` built with ``MEMLOC_CUDA=1``; elsewhere every GPU test
+skips with the reason (set ``MEMLOC_REQUIRE_CUDA_BACKEND=1`` to make that a failure instead, e.g.
+on the GPU machine, so that a build without CUDA cannot pass silently).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import memloc_kernels as mk
+from memloc_kernels import reference as ref
+from memloc_kernels._dispatch import get_backend
+from memloc_kernels.backends import cuda as cuda_backend
+
+_AVAILABLE, _WHY = cuda_backend.BACKEND.availability()
+_TRITON_OK = _AVAILABLE and get_backend("triton").availability()[0]
+
+# The backends every CUDA result is compared with: the reference always, Triton where it runs.
+ORACLES = [pytest.param("reference", id="vs-reference")] + (
+    [pytest.param("triton", id="vs-triton")] if _TRITON_OK else []
+)
+
+WEIGHT_DTYPES = [
+    pytest.param(torch.float16, id="fp16"),
+    pytest.param(torch.bfloat16, id="bf16"),
+    pytest.param(torch.float32, id="fp32"),
+]
+
+# d_in = 1, primes, not multiples of 32 (a lane's columns) or of 32 * E (a warp's), one warp of
+# padding, d_in < 32 (no filter), the largest d_in of the kernel; d_out = 1.
+SMALL_SHAPES = [
+    (1, 1),
+    (1, 37),
+    (3, 7),
+    (5, 33),
+    (2, 64),
+    (4, 65),
+    (7, 100),
+    (3, 257),
+    (2, 1031),
+    (2, 4097),
+    (2, 16384),
+]
+SPARSITIES = [0.001, 0.01, 0.05, 0.3, 1.0]  # 0.001: k = 1 for d_in < 2000; 1.0: k = d_in
+
+SD15_LAYERS = [(320, 1280)] * 5 + [(640, 2560)] * 5 + [(1280, 5120)] * 6
+SDXL_FFN2 = [(640, 2560)] * 10 + [(1280, 5120)] * 60
+
+
+@pytest.fixture
+def cuda() -> torch.device:
+    """The GPU, or a skip (a failure under MEMLOC_REQUIRE_CUDA_BACKEND=1) when the backend cannot run."""
+    if not _AVAILABLE:
+        if os.environ.get("MEMLOC_REQUIRE_CUDA_BACKEND") == "1":
+            pytest.fail(f"cuda backend unavailable: {_WHY}")
+        pytest.skip(f"cuda backend unavailable: {_WHY}")
+    return torch.device("cuda")
+
+
+def assert_words_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "words") -> None:
+    """Exact equality of packed masks; on failure, how many words differ and where."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    diff = (actual.cpu() != expected.cpu()).nonzero()
+    if diff.numel():
+        first = [tuple(i.tolist()) for i in diff[:5]]
+        raise AssertionError(f"{what}: {diff.shape[0]} of {actual.numel()} words differ, first at {first}")
+
+
+def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Bitwise equality of two tensors of one dtype; on failure, how many elements differ and where."""
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[actual.element_size()]
+    diff = (actual.contiguous().view(ints).cpu() != expected.contiguous().view(ints).cpu()).nonzero()
+    if diff.numel():
+        first = [tuple(i.tolist()) for i in diff[:5]]
+        raise AssertionError(f"{what}: {diff.shape[0]} of {actual.numel()} elements differ in bits, first at {first}")
+
+
+def random_stats(d_in: int, *lead: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive sumsq and null_sumsq, spread over a few orders of magnitude (made on the CPU: seeded)."""
+    sumsq = torch.rand(*lead, d_in).pow(3) * 100
+    null_sumsq = torch.rand(*lead, d_in).pow(3) * 100
+    return sumsq.to(device), null_sumsq.to(device)
+
+
+def masks(weight, sumsq, null_sumsq, sparsity, oracle: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed words of the cuda backend and of the oracle backend for the same inputs."""
+    actual = mk.memorized_mask(weight, sumsq, null_sumsq, sparsity, packed=True, backend="cuda")
+    expected = mk.memorized_mask(weight, sumsq, null_sumsq, sparsity, packed=True, backend=oracle)
+    return actual.words, expected.words
+
+
+# --- memorized_mask: eq. 5 + 6 (+ 7) -----------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("oracle", ORACLES)
+@pytest.mark.parametrize("sparsity", SPARSITIES, ids=lambda s: f"s{s}")
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_memorized_mask_small_shapes(cuda, shape, dtype, sparsity, oracle):
+    weight = torch.randn(shape).to(dtype).to(cuda)
+    sumsq, null_sumsq = random_stats(shape[1], 2, 3, device=cuda)  # [S, T, d_in]
+    assert_words_equal(*masks(weight, sumsq, null_sumsq, sparsity, oracle))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("oracle", ORACLES)
+@pytest.mark.parametrize("lead", [(), (4,), (4, 3)], ids=["one-vector", "S4", "S4xT3"])
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
+@pytest.mark.parametrize("shape", [(320, 1280), (640, 2560), (1280, 5120)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_memorized_mask_sd15_shapes(cuda, shape, dtype, lead, oracle):
+    weight = (torch.randn(shape) * 0.02).to(dtype).to(cuda)
+    sumsq, null_sumsq = random_stats(shape[1], *lead, device=cuda)
+    assert_words_equal(*masks(weight, sumsq, null_sumsq, 0.01, oracle))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sparsity", [0.01, 0.02, 0.03, 0.1], ids=lambda s: f"s{s}")
+def test_memorized_mask_larger_k_takes_the_exact_fallback(cuda, sparsity):
+    # k above ~1.5% of d_in leaves too many filter candidates: the block-wide radix select runs.
+    weight = torch.randn(64, 5120).half().to(cuda)
+    sumsq, null_sumsq = random_stats(5120, 2, 2, device=cuda)
+    assert_words_equal(*masks(weight, sumsq, null_sumsq, sparsity, "reference"))
+
+
+@pytest.mark.gpu
+def test_memorized_mask_shared_null_and_1d_sumsq(cuda):
+    weight = torch.randn(33, 700).half().to(cuda)
+    sumsq, null_sumsq = random_stats(700, 3, device=cuda)
+    null_1d = null_sumsq[0]
+    assert_words_equal(*masks(weight, sumsq, null_1d, 0.02, "reference"), "[S] with shared null")
+    assert_words_equal(*masks(weight, sumsq[0], null_1d, 0.02, "reference"), "1-D sumsq")
+
+
+@pytest.mark.gpu
+def test_memorized_mask_ors_into_out(cuda):
+    weight = torch.randn(40, 300).half().to(cuda)
+    sumsq, null_sumsq = random_stats(300, 2, 3, device=cuda)
+    prior = torch.rand(2, 40, 300, device=cuda) < 0.05
+    out = mk.pack_mask(prior.clone(), backend="reference")
+    got = mk.memorized_mask(weight, sumsq, null_sumsq, 0.02, packed=True, out=out, backend="cuda")
+    assert got is out
+    fresh = ref.memorized_mask(weight, sumsq, null_sumsq, 0.02)
+    assert_words_equal(got.words, ref.pack_mask(prior | fresh), "out | mask")
+
+
+@pytest.mark.gpu
+def test_memorized_mask_on_a_side_stream(cuda):
+    weight = torch.randn(256, 1280).half().to(cuda)
+    sumsq, null_sumsq = random_stats(1280, 3, 2, device=cuda)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got = mk.memorized_mask(weight, sumsq, null_sumsq, 0.01, packed=True, backend="cuda")
+    torch.cuda.current_stream().wait_stream(stream)
+    expected = ref.pack_mask(ref.memorized_mask(weight, sumsq, null_sumsq, 0.01).reshape(-1, 1280))
+    assert_words_equal(got.words.reshape(-1, 40), expected, "side stream")
+
+
+@pytest.mark.gpu
+def test_memorized_mask_wider_than_the_kernel_falls_back_to_torch(cuda):
+    weight = torch.randn(2, 16385).half().to(cuda)
+    sumsq, null_sumsq = random_stats(16385, 1, 2, device=cuda)
+    assert_words_equal(*masks(weight, sumsq, null_sumsq, 0.01, "reference"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("oracle", ORACLES)
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 257), (320, 1280)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_wanda_scores_are_the_oracles_bits(cuda, shape, dtype, oracle):
+    weight = torch.randn(shape).to(dtype).to(cuda)
+    sumsq, _ = random_stats(shape[1], 3, device=cuda)
+    got = mk.wanda_scores(weight, sumsq, backend="cuda")
+    assert_bits_equal(got, mk.wanda_scores(weight, sumsq, backend=oracle), "scores")
+
+
+@pytest.mark.gpu
+def test_geglu_sumsq_has_no_cuda_kernel(cuda):
+    proj_out = torch.randn(4, 8, device=cuda).half()
+    with pytest.raises(mk.BackendUnavailableError, match="does not implement geglu_sumsq"):
+        mk.geglu_sumsq(proj_out, torch.zeros(4, device=cuda), backend="cuda")
+
+
+# --- planted ties and degenerate statistics ------------------------------------------------------
+
+
+def _quantized(shape, levels: int = 3) -> torch.Tensor:
+    """Weights in {-levels..levels}: most scores tie with many others."""
+    return torch.randint(-levels, levels + 1, shape).float()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("oracle", ORACLES)
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
+@pytest.mark.parametrize("shape", [(7, 100), (64, 1280), (16, 5120)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize(
+    "case",
+    [
+        "quantized-weights-equal-sumsq",
+        "repeated-columns",
+        "zero-rows-and-zero-weights",
+        "sumsq-equals-null",
+        "zero-null",
+        "zero-sumsq",
+        "few-huge-columns",
+        "ties-at-the-kth-score",
+    ],
+)
+def test_memorized_mask_planted_ties(cuda, case, shape, dtype, oracle):
+    d_out, d_in = shape
+    sumsq, null_sumsq = random_stats(d_in, 2, 2, device="cpu")
+    weight = torch.randn(shape)
+    if case == "quantized-weights-equal-sumsq":
+        weight, sumsq = _quantized(shape), torch.ones_like(sumsq)
+    elif case == "repeated-columns":
+        period = 10
+        weight = weight[:, :period].repeat(1, d_in // period + 1)[:, :d_in].contiguous()
+        sumsq = sumsq[..., :period].repeat(1, 1, d_in // period + 1)[..., :d_in].contiguous()
+    elif case == "zero-rows-and-zero-weights":
+        weight[::2] = 0
+        weight[torch.rand(shape) < 0.9] = 0
+    elif case == "sumsq-equals-null":
+        null_sumsq = sumsq.clone()
+    elif case == "zero-null":
+        null_sumsq = torch.zeros_like(sumsq)
+    elif case == "zero-sumsq":
+        sumsq = torch.zeros_like(sumsq)
+    elif case == "few-huge-columns":  # massive activations: the top k crowd into a few columns
+        sumsq[..., torch.randperm(d_in)[:3]] = 1e6
+    elif case == "ties-at-the-kth-score":  # the k-th and (k+1)-th scores of every row are equal
+        weight = torch.randn(shape).abs() + 1
+        k = mk.topk_count(0.01, d_in)
+        order = weight.argsort(dim=1, descending=True)
+        tied = weight.gather(1, order[:, k - 1 : k])
+        weight.scatter_(1, order[:, k : k + 2], tied.expand(-1, 2))
+        sumsq = torch.ones_like(sumsq)
+    weight = weight.to(dtype).to(cuda)
+    actual, expected = masks(weight, sumsq.to(cuda), null_sumsq.to(cuda), 0.01, oracle)
+    assert_words_equal(actual, expected, case)
+    if case in ("sumsq-equals-null", "zero-sumsq"):
+        assert int(actual.ne(0).sum()) == 0, f"{case}: no score can beat its null score"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
+def test_memorized_mask_k1_and_sparsity_1(cuda, dtype):
+    weight = torch.randn(50, 777).to(dtype).to(cuda)
+    sumsq, null_sumsq = random_stats(777, 2, 2, device=cuda)
+    assert_words_equal(*masks(weight, sumsq, null_sumsq, 1e-6, "reference"), "k = 1")
+    actual, expected = masks(weight, sumsq, null_sumsq, 1.0, "reference")
+    assert_words_equal(actual, expected, "k = d_in")
+    above_null = ref.wanda_scores(weight, sumsq) > ref.wanda_scores(weight, null_sumsq)  # eq. 6 alone at s = 1
+    assert_words_equal(actual, ref.pack_mask(above_null.any(dim=1)), "k = d_in is the null test alone")
+
+
+# --- several layers per launch (memorized_masks) --------------------------------------------------
+
+
+def _layers(shapes, device, dtype=torch.float16, lead=(2, 2)):
+    weights = [(torch.randn(s) * 0.02).to(dtype).to(device) for s in shapes]
+    stats = [random_stats(s[1], *lead, device=device) for s in shapes]
+    return weights, [a for a, _ in stats], [b for _, b in stats]
+
+
+def _check_layers(weights, sumsqs, nulls, sparsity, oracle):
+    got = mk.memorized_masks(weights, sumsqs, nulls, sparsity, backend="cuda")
+    expected = mk.memorized_masks(weights, sumsqs, nulls, sparsity, backend=oracle)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert_words_equal(a.words, b.words, f"layer {i} {tuple(weights[i].shape)}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("oracle", ORACLES)
+def test_memorized_masks_sd15_16_layers(cuda, oracle):
+    _check_layers(*_layers(SD15_LAYERS, cuda, lead=(3, 2)), 0.01, oracle)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("oracle", ORACLES)
+def test_memorized_masks_sdxl_ffn2_70_layers(cuda, oracle):
+    _check_layers(*_layers(SDXL_FFN2, cuda, lead=(2, 2)), 0.01, oracle)
+
+
+@pytest.mark.gpu
+def test_memorized_masks_more_layers_than_one_launch_mixed_dtypes(cuda):
+    # 70 layers of one shape class (two launches of the 64-layer table), plus other classes and dtypes.
+    shapes = [(8, 96)] * 70 + [(5, 1280), (3, 100), (4, 2560)]
+    weights, sumsqs, nulls = _layers(shapes, cuda, lead=(2, 3))
+    weights[-1] = weights[-1].float()
+    weights[-2] = weights[-2].bfloat16()
+    _check_layers(weights, sumsqs, nulls, 0.05, "reference")
+    singles = [mk.memorized_mask(w, s, n, 0.05, packed=True, backend="cuda") for w, s, n in zip(weights, sumsqs, nulls)]
+    multi = mk.memorized_masks(weights, sumsqs, nulls, 0.05, backend="cuda")
+    for i, (a, b) in enumerate(zip(multi, singles)):
+        assert_words_equal(a.words, b.words, f"multi vs single, layer {i}")
+
+
+# --- accumulate_sumsq ---------------------------------------------------------------------------
+
+INPUT_DTYPES = [
+    pytest.param(torch.float16, id="fp16"),
+    pytest.param(torch.bfloat16, id="bf16"),
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.float64, id="fp64"),
+]
+# float32 accumulators: every output is a sum of <= 4096 positive squares taken in <= 56 sequential
+# float32 additions (32 per row-lane, 8 lanes, then chunk partials), so its relative error is
+# below 56 * 2^-24 = 3.3e-6; float64: below 1e-13.
+ACC_TOLERANCES = [
+    pytest.param(torch.float32, 1e-5, id="acc-fp32-rtol1e-5"),
+    pytest.param(torch.float64, 1e-12, id="acc-fp64-rtol1e-12"),
+]
+# (rows, d_in, group_size): single sums, groups of one row, groups that span several 256-row
+# chunks with a tail, SD1.5's 64x64 latents (4096 tokens) per sample.
+SUMSQ_SHAPES = [
+    (1, 1, None),
+    (7, 33, None),
+    (12, 100, 4),
+    (300, 65, 1),
+    (600, 257, 300),
+    (513, 31, None),
+    (2 * 4096, 1280, 4096),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SUMSQ_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}g{s[2]}")
+@pytest.mark.parametrize("acc_dtype, rtol", ACC_TOLERANCES)
+@pytest.mark.parametrize("dtype", INPUT_DTYPES)
+def test_accumulate_sumsq_matches_float64(cuda, dtype, acc_dtype, rtol, shape):
+    rows, d_in, group_size = shape
+    h = (torch.randn(rows, d_in) * 3).to(dtype).to(cuda)
+    groups = 1 if group_size is None else rows // group_size
+    start = torch.rand(groups, d_in, dtype=torch.float64).to(acc_dtype)
+    expected = start.double() + h.double().cpu().square().reshape(groups, -1, d_in).sum(dim=1)
+    acc = start.to(cuda, copy=True)
+    mk.accumulate_sumsq(h, acc[0] if group_size is None else acc, group_size=group_size, backend="cuda")
+    torch.testing.assert_close(acc.double().cpu(), expected, rtol=rtol, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float64], ids=["acc-fp32", "acc-fp64"])
+def test_accumulate_sumsq_is_deterministic(cuda, acc_dtype):
+    h = torch.randn(2 * 4096, 640).half().to(cuda)
+    runs = []
+    for _ in range(3):
+        acc = torch.zeros(2, 640, dtype=acc_dtype, device=cuda)
+        mk.accumulate_sumsq(h, acc, group_size=4096, backend="cuda")
+        runs.append(acc)
+    assert_bits_equal(runs[1], runs[0], "second run")
+    assert_bits_equal(runs[2], runs[0], "third run")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _TRITON_OK, reason="triton backend unavailable")
+def test_accumulate_sumsq_agrees_with_triton(cuda):
+    h = torch.randn(4, 4096, 1280).half().to(cuda)
+    a = torch.zeros(4, 1280, device=cuda)
+    b = torch.zeros(4, 1280, device=cuda)
+    mk.accumulate_sumsq(h, a, group_size=4096, backend="cuda")
+    mk.accumulate_sumsq(h, b, group_size=4096, backend="triton")
+    torch.testing.assert_close(a, b, rtol=2e-5, atol=0)
+
+
+# --- apply_mask / restore -----------------------------------------------------------------------
+
+
+def _special_values(weight: torch.Tensor) -> torch.Tensor:
+    """Plants -0.0, +-inf, a NaN with a payload and a subnormal, to check that bits move exactly."""
+    flat = weight.view(-1)
+    n = flat.numel()
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[weight.element_size()]
+    payload_nan = {
+        torch.float16: 0x7E01,
+        torch.bfloat16: 0x7FC1,
+        torch.float32: 0x7FC00001,
+        torch.float64: 0x7FF8000000000001,
+    }[weight.dtype]
+    specials = [(0, -0.0), (1, float("inf")), (2, float("-inf")), (4, torch.finfo(weight.dtype).tiny / 4)]
+    for i, value in specials:
+        if i < n:
+            flat[i] = value
+    if 3 < n:
+        flat.view(ints)[3] = payload_nan
+    return weight
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.5, 1.0], ids=lambda d: f"p{d}")
+@pytest.mark.parametrize("dtype", INPUT_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 33), (64, 1280), (1280, 5120)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_apply_and_restore_are_bit_exact(cuda, shape, dtype, density):
+    weight = _special_values(torch.randn(shape).to(dtype)).to(cuda)
+    mask = torch.rand(shape, device=cuda) < density
+    if density > 0:
+        mask.view(-1)[:5] = True  # the special values are removed
+    original = weight.clone()
+    expected_weight = original.clone()
+    expected_removed = ref.apply_mask(expected_weight, mask)
+    record = mk.apply_mask(weight, mask, backend="cuda")
+    assert_bits_equal(record.removed, expected_removed, "removed values")
+    assert_bits_equal(weight, expected_weight, "pruned weight")
+    mk.restore(weight, record, backend="cuda")
+    assert_bits_equal(weight, original, "restored weight")
+
+
+@pytest.mark.gpu
+def test_apply_mask_ignores_padding_bits(cuda):
+    # A PackedMask whose last words carry bits past d_in: like the reference, they are not part of the mask.
+    d_in = 37
+    weight = torch.randn(4, d_in).half().to(cuda)
+    words = torch.randint(-(2**31), 2**31 - 1, (4, 2), dtype=torch.int32).to(cuda)
+    mask = mk.PackedMask(words, d_in)
+    expected_weight = weight.clone()
+    expected_removed = ref.apply_mask(expected_weight, ref.unpack_mask(words, d_in))
+    record = mk.apply_mask(weight, mask, backend="cuda")
+    assert_bits_equal(record.removed, expected_removed, "removed values")
+    assert_bits_equal(weight, expected_weight, "pruned weight")
+
+
+@pytest.mark.gpu
+def test_restore_rejects_a_wrong_removed_length(cuda):
+    weight = torch.randn(8, 64).half().to(cuda)
+    record = mk.apply_mask(weight, torch.rand(8, 64, device=cuda) < 0.2, backend="cuda")
+    short = mk.PruneRecord(record.mask, record.removed[:-1], record.shape, record.dtype)
+    with pytest.raises(ValueError, match="removed holds"):
+        mk.restore(weight, short, backend="cuda")
+
+
+# --- popcounts: mask_density and mask_iou -------------------------------------------------------
+
+
+def _random_words(n: int, w: int, ands: int, device) -> torch.Tensor:
+    """Random int32 words with each bit set with probability 2**-ands (an AND of random words)."""
+    words = torch.full((n, w), -1, dtype=torch.int32, device=device)
+    for _ in range(ands):
+        words &= torch.randint(-(2**31), 2**31 - 1, (n, w), dtype=torch.int32, device=device)
+    return words
+
+
+def _intersections_oracle(words: torch.Tensor) -> torch.Tensor:
+    """popcount(a & b) for all pairs via float64 matmuls of 0/1 bits, 4096 words at a time (exact)."""
+    n, w = words.shape
+    total = torch.zeros(n, n, dtype=torch.int64, device=words.device)
+    for start in range(0, w, 4096):
+        bits = ref.unpack_mask(words[:, start : start + 4096], min(4096, w - start) * 32).double()
+        total += (bits @ bits.T).round().to(torch.int64)
+    return total
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("oracle", ORACLES)
+@pytest.mark.parametrize("n, w", [(1, 1), (2, 3), (16, 33), (17, 40), (65, 129), (130, 4101)], ids=lambda v: str(v))
+def test_mask_popcount_and_intersections_small(cuda, n, w, oracle):
+    words = _random_words(n, w, 2, cuda)  # density 1/4
+    words[0] = 0  # an empty mask
+    impl, other = get_backend("cuda"), get_backend(oracle)
+    assert torch.equal(impl.mask_popcount(words).cpu(), other.mask_popcount(words).cpu())
+    assert torch.equal(impl.mask_intersections(words).cpu(), other.mask_intersections(words).cpu())
+
+
+@pytest.mark.gpu
+def test_mask_intersections_long_masks_split_over_blocks(cuda):
+    # 300 masks of 100003 words (3.2 M bits): several tiles, the word range split across blocks.
+    words = _random_words(300, 100_003, 7, cuda)  # density 1/128
+    got = get_backend("cuda").mask_intersections(words)
+    assert torch.equal(got, _intersections_oracle(words))
+    assert torch.equal(get_backend("cuda").mask_popcount(words), torch.diagonal(got))
+
+
+@pytest.mark.gpu
+def test_mask_iou_and_density_through_the_ops_api(cuda):
+    bits = torch.rand(6, 16, 100, device=cuda) < 0.1
+    bits[1] = False  # empty masks: IoU NaN against each other
+    bits[2] = False
+    for name, fn in (("iou", mk.mask_iou), ("density", mk.mask_density)):
+        got = fn(mk.pack_mask(bits), backend="cuda")
+        expected = fn(mk.pack_mask(bits), backend="reference")
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+# --- pack / unpack ------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1, 1), (3, 31), (5, 32), (4, 33), (7, 1000)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_pack_and_unpack_match_reference(cuda, shape):
+    mask = torch.rand(shape, device=cuda) < 0.4
+    words = get_backend("cuda").pack_mask(mask)
+    assert torch.equal(words, ref.pack_mask(mask))
+    assert torch.equal(get_backend("cuda").unpack_mask(words, shape[1]), mask)
+
+
+# --- availability (runs everywhere) ---------------------------------------------------------------
+
+
+def test_availability_explains_itself():
+    ok, why = cuda_backend.BACKEND.availability()
+    assert cuda_backend.BACKEND.name == "cuda"
+    assert cuda_backend.BACKEND.supports(torch.device("cuda", 0))
+    assert not cuda_backend.BACKEND.supports(torch.device("cpu"))
+    if not torch.cuda.is_available():
+        assert not ok and why, "without a CUDA device the backend must be unavailable, with a reason"
+    if ok:
+        assert why == ""
