@@ -111,8 +111,8 @@ def wanda_scores(weight: torch.Tensor, sumsq: torch.Tensor, *, backend: str = "a
     """
     v.weight("weight", weight)
     d_in = weight.shape[1]
-    v.sumsq("sumsq", sumsq, d_in, max_dims=2)
     v.same_device(weight=weight, sumsq=sumsq)
+    v.sumsq("sumsq", sumsq, d_in, max_dims=2)
     s2 = sumsq.reshape(-1, d_in).to(torch.float32).contiguous()
     impl = select("wanda_scores", backend, weight.device)
     scores = impl.wanda_scores(weight, s2)

@@ -24,6 +24,7 @@ __all__ = [
     "geglu",
     "geglu_sumsq",
     "wanda_scores",
+    "feature_norms",
     "topk_row_mask",
     "memorized_mask",
     "memorized_mask_topk",
@@ -83,8 +84,16 @@ def wanda_scores(weight: torch.Tensor, sumsq: torch.Tensor) -> torch.Tensor:
 
     ``sumsq`` of shape ``[d_in]`` gives ``[d_out, d_in]``; ``[..., d_in]`` gives ``[..., d_out, d_in]``.
     """
-    norms = torch.sqrt(sumsq.to(torch.float32))
-    return weight.to(torch.float32).abs() * norms.unsqueeze(-2)
+    return weight.to(torch.float32).abs() * feature_norms(sumsq).unsqueeze(-2)
+
+
+def feature_norms(sumsq: torch.Tensor) -> torch.Tensor:
+    """``||X_j||_2 = sqrt(float32(sumsq_j))``, correctly rounded (IEEE) on every device.
+
+    torch's CPU float32 sqrt is not always correctly rounded; the square root of a float32 taken
+    in float64 and rounded back to float32 is, so that route gives the same bits everywhere.
+    """
+    return torch.sqrt(sumsq.to(torch.float32).to(torch.float64)).to(torch.float32)
 
 
 def topk_row_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
