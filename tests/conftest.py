@@ -9,6 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton decides once, at import, whether it compiles or interprets: without a GPU, interpret
+# (the CPU path the tests cover), and set it before any test module imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MEMLOC_SHARED_DATA", REPO.parent / "shared" / "data"))
 

@@ -1,0 +1,109 @@
+"""geglu_sumsq: diffusers' GEGLU fused with the sums of squares of its rounded output."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _config
+from .sumsq import finish
+
+
+@triton.jit
+def _gelu_erf(x):
+    """PyTorch's exact GELU in x's float type: ``x * 0.5 * (1 + erf(x * M_SQRT1_2))``."""
+    return x * 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def _to_bf16_rne(x):
+    """float32 -> bfloat16 rounded to nearest even, as torch does (NaN -> 0x7FC0).
+
+    Used under the interpreter only, whose conversion truncates; on the GPU ``.to`` rounds to
+    nearest even natively.
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(x != x, 0x7FC0, rounded)
+    return rounded.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _round(x, io_ty: tl.constexpr, RNE_BF16: tl.constexpr):
+    if RNE_BF16 and io_ty == tl.bfloat16:
+        return _to_bf16_rne(x)
+    else:
+        return x.to(io_ty)
+
+
+@triton.jit
+def _geglu_sumsq_kernel(p_ptr, h_ptr, acc_ptr, part_ptr, d, group_size, rows_per_split, n_split,
+                        BM: tl.constexpr, BN: tl.constexpr, DIRECT: tl.constexpr, RNE_BF16: tl.constexpr):
+    """Program (group g, split p, feature block): h = hidden * gelu(gate) for its rows, stored, and
+    the sum of h**2 (h as rounded to the activation dtype) into ``acc[g]`` or ``part[g, p]``."""
+    gp = tl.program_id(0)
+    g = gp // n_split
+    p = gp % n_split
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    col_on = cols < d
+    r0 = p * rows_per_split
+    r1 = tl.minimum(r0 + rows_per_split, group_size)
+    row0 = g.to(tl.int64) * group_size
+    rr = tl.arange(0, BM)
+    acc_ty = acc_ptr.dtype.element_ty
+    io_ty = h_ptr.dtype.element_ty
+    total = tl.zeros([BM, BN], dtype=acc_ty)
+    for r in range(r0, r1, BM):
+        rows = row0 + r + rr
+        on = (r + rr < r1)[:, None] & col_on[None, :]
+        src = p_ptr + rows[:, None] * (2 * d) + cols[None, :]
+        hidden = tl.load(src, mask=on, other=0.0)
+        gate = tl.load(src + d, mask=on, other=0.0)
+        if io_ty == tl.float64:
+            act = _gelu_erf(gate)
+            h = hidden * act
+        else:
+            # diffusers computes F.gelu(gate) in float32 (opmath) and rounds it to the activation
+            # dtype, then multiplies in float32 and rounds again
+            act = _round(_gelu_erf(gate.to(tl.float32)), io_ty, RNE_BF16)
+            h = _round(hidden.to(tl.float32) * act.to(tl.float32), io_ty, RNE_BF16)
+        tl.store(h_ptr + rows[:, None] * d + cols[None, :], h, mask=on)
+        x = h.to(acc_ty)
+        total += x * x
+    s = tl.sum(total, axis=0)
+    if DIRECT:
+        dst = acc_ptr + g.to(tl.int64) * d + cols
+        tl.store(dst, tl.load(dst, mask=col_on) + s, mask=col_on)
+    else:
+        tl.store(part_ptr + gp.to(tl.int64) * d + cols, s, mask=col_on)
+
+
+def geglu_sumsq_triton(proj_out: torch.Tensor, acc: torch.Tensor, group_size: int) -> torch.Tensor:
+    """diffusers' GEGLU of ``proj_out`` and, in the same pass, its sums of squares into ``acc``.
+
+    Args:
+        proj_out: ``[rows, 2 * d]`` (hidden half, then gate half), contiguous, any float dtype.
+        acc: ``[G, d]`` float32/float64, ``G * group_size == rows``, updated in place.
+        group_size: consecutive rows per group (one sample's tokens).
+    Returns:
+        ``h`` ``[rows, d]`` in ``proj_out.dtype``, bit-identical to diffusers' GEGLU on the GPU
+        (same float32 erf, same two roundings).
+
+    Deterministic (two-stage reduction, no atomics), like :func:`accumulate_sumsq_triton`.
+    """
+    rows, d2 = proj_out.shape
+    d = d2 // 2
+    groups = acc.shape[0]
+    h = torch.empty(rows, d, dtype=proj_out.dtype, device=proj_out.device)
+    cfg = _config.stats_config(rows, d, groups, proj_out.device)
+    rows_per_split = -(-group_size // cfg.split)
+    rows_per_split = -(-rows_per_split // cfg.block_m) * cfg.block_m
+    split = -(-group_size // rows_per_split)
+    part = None if split == 1 else torch.empty(groups * split, d, dtype=acc.dtype, device=proj_out.device)
+    grid = (groups * split, triton.cdiv(d, cfg.block_n))
+    _geglu_sumsq_kernel[grid](proj_out, h, acc, part if part is not None else acc, d, group_size, rows_per_split,
+                              split, BM=cfg.block_m, BN=cfg.block_n, DIRECT=part is None,
+                              RNE_BF16=not proj_out.is_cuda, num_warps=cfg.num_warps)
+    finish(acc, part, cfg.block_n)
+    return h

@@ -1,0 +1,339 @@
+"""The Triton backend against the reference at small, tiling-breaking shapes (interpreter on the CPU)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+# Triton fixes "compiled or interpreted" (TRITON_INTERPRET) when it is imported, so the variable
+# must be set before anything imports triton. Without a GPU the interpreter runs the kernels on
+# the CPU; with a GPU (and TRITON_INTERPRET unset) the same tests run compiled on CUDA tensors.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    if "triton" in sys.modules:
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set: run with TRITON_INTERPRET=1",
+                    allow_module_level=True)
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton", reason="the triton backend needs the triton package")
+
+import memloc_kernels as mk  # noqa: E402
+from memloc_kernels import reference as ref  # noqa: E402
+from memloc_kernels.backends import triton as triton_backend  # noqa: E402
+from memloc_kernels.triton import _config  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = torch.device("cpu" if INTERPRET else "cuda")
+pytestmark = [
+    pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(), reason="no CUDA device and not interpreting"),
+    # the interpreter's numpy ops warn on intended int32 wrap-around (bit 31 of packed words)
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),
+]
+TR = "triton"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Exact equality; on failure say how many entries differ and where the first ones are."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    same = (actual == expected) | (actual.isnan() & expected.isnan()) if actual.is_floating_point() else (
+        actual == expected)
+    if not bool(same.all()):
+        bad = (~same).nonzero()[:5].tolist()
+        raise AssertionError(f"{what}: {int((~same).sum())} of {same.numel()} entries differ, first at {bad}")
+
+
+def on(x: torch.Tensor) -> torch.Tensor:
+    return x.to(DEVICE)
+
+
+# --------------------------------------------------------------------------------------------- contract
+
+
+def test_backend_object_names_itself_triton():
+    assert triton_backend.BACKEND.name == "triton"
+    assert triton_backend.BACKEND.availability() == (True, "")
+
+
+def test_unavailable_without_triton_gives_a_reason(monkeypatch):
+    monkeypatch.setattr(triton_backend, "_IMPORT_ERROR", "triton is not importable (ImportError: no module)")
+    ok, reason = triton_backend.BACKEND.availability()
+    assert not ok and "triton is not importable" in reason
+
+
+def test_cpu_supported_only_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_backend.BACKEND.supports(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not triton_backend.BACKEND.supports(torch.device("cpu"))
+    assert triton_backend.BACKEND.supports(torch.device("cuda", 0))
+
+
+def test_auto_does_not_pick_triton_for_cpu_tensors():
+    from memloc_kernels._dispatch import select
+
+    assert select("memorized_mask", "auto", torch.device("cpu")).name != "triton"
+
+
+@pytest.mark.parametrize("d_in, blocks, warps", [(1280, (1024, 256), 1), (2560, (2048, 512), 2),
+                                                  (5120, (4096, 1024), 4), (37, (64, 0), 1), (100, (64, 64), 1)],
+                         ids=lambda x: str(x))
+def test_mask_launch_heuristic_for_sd_rows(d_in, blocks, warps):
+    cfg = _config.mask_config(d_in, max(1, d_in // 100), 1000)
+    assert (cfg.pa, cfg.pb) == blocks  # SD rows split without padding
+    assert cfg.num_warps == warps and not cfg.dense and cfg.chunk == 8
+    assert cfg.cand * cfg.vec >= 2 * max(1, d_in // 100)
+    assert _config.mask_config(d_in, d_in, 1).dense  # k = d_in: the dense path
+
+
+# ----------------------------------------------------------------------------------- statistics
+
+# (h dtype, acc dtype, relative tolerance against a float64 sum of the same squares)
+STATS_DTYPES = [
+    pytest.param(torch.float16, torch.float32, 2e-6, id="f16-acc32"),
+    pytest.param(torch.bfloat16, torch.float32, 2e-6, id="bf16-acc32"),
+    pytest.param(torch.float32, torch.float32, 2e-6, id="f32-acc32"),
+    pytest.param(torch.float16, torch.float64, 1e-12, id="f16-acc64"),
+    pytest.param(torch.float64, torch.float64, 1e-12, id="f64-acc64"),
+]
+
+
+def sumsq64(h: torch.Tensor, group_size: int) -> torch.Tensor:
+    x = h.reshape(-1, h.shape[-1]).double()
+    return x.square().reshape(-1, group_size, x.shape[-1]).sum(dim=1)
+
+
+@pytest.mark.parametrize("h_dtype, acc_dtype, rtol", STATS_DTYPES)
+@pytest.mark.parametrize("shape, group_size", [((3, 5, 37), 5), ((7, 100), 7), ((200, 33), 100), ((4, 160), 1)],
+                         ids=["3x5x37-g5", "7x100-one-group", "200x33-split", "4x160-g1"])
+def test_accumulate_sumsq_matches_float64(h_dtype, acc_dtype, rtol, shape, group_size):
+    h = on(torch.randn(shape).to(h_dtype) * 4)
+    d = shape[-1]
+    groups = h.numel() // d // group_size
+    start = on(torch.rand(groups, d, dtype=acc_dtype))
+    acc = start.clone()
+    mk.accumulate_sumsq(h, acc, group_size=group_size, backend=TR)
+    expected = start.double() + sumsq64(h, group_size)
+    err = ((acc.double() - expected).abs() / expected).max().item()
+    assert err <= rtol, f"max relative error {err:.3g} > {rtol:g}"
+
+
+def test_accumulate_sumsq_is_deterministic():
+    h = on(torch.randn(300, 70, dtype=torch.float16))
+    a, b = on(torch.zeros(1, 70)), on(torch.zeros(1, 70))
+    mk.accumulate_sumsq(h, a, group_size=300, backend=TR)
+    mk.accumulate_sumsq(h, b, group_size=300, backend=TR)
+    assert_same(a, b, "two runs")
+
+
+def geglu_erf_exact(proj_out: torch.Tensor) -> torch.Tensor:
+    """diffusers' GEGLU with a correctly rounded float32 erf (what the interpreter's erf is)."""
+    hidden, gate = proj_out.chunk(2, dim=-1)
+    g = gate.float()
+    erf = torch.erf((g * 0.7071067811865476).double()).float()
+    act = (g * 0.5 * (1.0 + erf)).to(proj_out.dtype)
+    return (hidden.float() * act.float()).to(proj_out.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["f16", "bf16", "f32"])
+def test_geglu_output_rounds_like_diffusers(dtype):
+    """Same operations and roundings as diffusers' GEGLU, bit for bit, given the same erf.
+
+    On the GPU the kernel and PyTorch both use CUDA's erff, so the output equals diffusers'
+    exactly (tests/test_triton_gpu.py). Under the interpreter erf is math.erf, so the comparison
+    uses the same erf.
+    """
+    proj_out = on((torch.randn(2, 19, 2 * 40) * 3).to(dtype))
+    acc = on(torch.zeros(2, 40))
+    h = mk.geglu_sumsq(proj_out, acc, group_size=19, backend=TR)
+    expected = geglu_erf_exact(proj_out) if INTERPRET else ref.geglu(proj_out)
+    assert_same(h, expected, "GEGLU output")
+    sums = acc.double()
+    want = sumsq64(h, 19)
+    assert ((sums - want).abs() / want.clamp(min=1e-30)).max().item() <= 2e-6
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)], ids=["f16", "bf16"])
+def test_geglu_close_to_diffusers_module(dtype, rtol):
+    """Against diffusers.models.activations.GEGLU itself (its projection replaced by identity).
+
+    On the CPU PyTorch's vectorized erf differs from the interpreter's by a few float32 ulps,
+    which 1 + erf(x) amplifies for very negative gates: measured max 1.4e-3 relative (fp16) and
+    8.5e-3 (bf16, about one bf16 ulp), 1.2e-4 absolute at inputs of scale 3. The tolerance is
+    two ulps of the dtype relative, 2e-4 absolute. Exact on the GPU.
+    """
+    activations = pytest.importorskip("diffusers.models.activations", reason="needs diffusers")
+    module = activations.GEGLU(4, 48).to(dtype)
+    module.proj = torch.nn.Identity()
+    proj_out = on((torch.randn(3, 11, 96) * 3).to(dtype))
+    h = mk.geglu_sumsq(proj_out, on(torch.zeros(48)), backend=TR)
+    expected = module.to(DEVICE)(proj_out)
+    if INTERPRET:
+        torch.testing.assert_close(h.float(), expected.float(), rtol=rtol, atol=2e-4)
+    else:
+        assert_same(h, expected, "GEGLU vs diffusers")
+
+
+def test_geglu_float64():
+    proj_out = on(torch.randn(6, 2 * 33, dtype=torch.float64))
+    acc = on(torch.zeros(2, 33, dtype=torch.float64))
+    h = mk.geglu_sumsq(proj_out, acc, group_size=3, backend=TR)
+    torch.testing.assert_close(h, ref.geglu(proj_out), rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(acc, sumsq64(h, 3), rtol=1e-12, atol=0)
+
+
+# --------------------------------------------------------------------------------------- scores
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["f16", "bf16", "f32"])
+@pytest.mark.parametrize("s_shape", [(37,), (3, 37)], ids=["one", "S3"])
+def test_wanda_scores_bit_identical(dtype, s_shape):
+    w = on(torch.randn(5, 37).to(dtype))
+    s = on(torch.rand(s_shape) * 9)
+    assert_same(mk.wanda_scores(w, s, backend=TR), ref.wanda_scores(w, s), "scores")
+
+
+# ------------------------------------------------------------------------------- memorized_mask
+
+
+def check_mask(weight, sumsq, null_sumsq, sparsity, **overrides):
+    with _config.mask_overrides(**overrides):
+        got = mk.memorized_mask(on(weight), on(sumsq), on(null_sumsq), sparsity, backend=TR)
+    want = ref.memorized_mask(weight, sumsq, null_sumsq, sparsity)
+    assert_same(got.cpu(), want, "mask")
+
+
+def planted_ties(d_out: int, d_in: int) -> torch.Tensor:
+    """Rows whose scores tie at the k-th place: equal |W| with equal sumsq, zero rows, repeats."""
+    w = torch.ones(d_out, d_in)
+    w[0, ::3] = -2.0
+    w[1] = 0.0
+    w[2, :] = torch.randn(d_in).round()
+    return w
+
+
+MASK_CASES = [
+    pytest.param((4, 37), (37,), (37,), 0.1, {}, id="d37-single"),
+    pytest.param((1, 100), (100,), (100,), 0.01, {}, id="dout1-k1"),
+    pytest.param((3, 100), (2, 3, 100), (2, 3, 100), 0.05, {}, id="d100-S2T3"),
+    pytest.param((2, 100), (1, 5, 100), (100,), 0.05, {"chunk": 2}, id="d100-T5-chunk2"),
+    pytest.param((3, 160), (2, 160), (160,), 0.03, {}, id="d160-S2"),
+    pytest.param((3, 320), (2, 2, 320), (2, 2, 320), 0.01, {"vec": 1}, id="d320-vec1"),
+    pytest.param((3, 100), (2, 100), (100,), 0.3, {"dense": True}, id="dense-path"),
+    pytest.param((2, 37), (37,), (37,), 1.0, {}, id="sparsity-1"),
+]
+
+
+@pytest.mark.parametrize("w_shape, s_shape, n_shape, sparsity, overrides", MASK_CASES)
+def test_memorized_mask_identical_to_reference(w_shape, s_shape, n_shape, sparsity, overrides):
+    w = torch.randn(w_shape).to(torch.float16)
+    check_mask(w, torch.rand(s_shape) * 5, torch.rand(n_shape) * 2, sparsity, **overrides)
+
+
+@pytest.mark.parametrize("w_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["f16", "bf16", "f32"])
+@pytest.mark.parametrize("d_in", [77, 160], ids=["d77", "d160"])
+def test_memorized_mask_weight_dtypes(w_dtype, d_in):
+    w = (torch.randn(3, d_in) * 3).to(w_dtype)
+    check_mask(w, torch.rand(2, d_in) * 5, torch.rand(d_in) * 2, 0.05)
+
+
+@pytest.mark.parametrize("sparsity", [0.01, 0.05, 0.3], ids=["k1", "k5", "k30"])
+def test_memorized_mask_planted_ties(sparsity):
+    w = planted_ties(4, 100).to(torch.float16)
+    check_mask(w, torch.ones(2, 100), torch.zeros(100), sparsity)
+
+
+def test_memorized_mask_sumsq_equal_to_null_selects_nothing():
+    w = torch.randn(4, 100, dtype=torch.float16)
+    s = torch.rand(2, 100)
+    check_mask(w, s, s.clone(), 0.05)
+    assert not bool(ref.memorized_mask(w, s, s, 0.05).any())
+
+
+def test_memorized_mask_zero_rows_and_zero_columns():
+    w = torch.randn(3, 100)
+    w[0] = 0
+    s = torch.rand(2, 3, 100)
+    s[..., :60] = 0  # many zero scores: most candidates tie at 0
+    check_mask(w, s, torch.zeros(2, 3, 100), 0.3)
+
+
+def test_memorized_mask_or_into_out():
+    w = torch.randn(3, 100, dtype=torch.float16)
+    s, n = torch.rand(2, 2, 100), torch.rand(2, 2, 100)
+    start = torch.rand(2, 3, 100) < 0.2
+    out = mk.pack_mask(on(start))
+    mk.memorized_mask(on(w), on(s), on(n), 0.05, packed=True, out=out, backend=TR)
+    assert_same(mk.unpack_mask(out).cpu(), start | ref.memorized_mask(w, s, n, 0.05), "OR into out")
+
+
+def test_memorized_masks_multi_layer_matches_per_layer():
+    ws = [torch.randn(4, 100, dtype=torch.float16), torch.randn(3, 100, dtype=torch.float16),
+          torch.randn(2, 160, dtype=torch.float16)]
+    ss = [torch.rand(2, 2, w.shape[1]) for w in ws]
+    ns = [torch.rand(w.shape[1]) for w in ws]
+    got = mk.memorized_masks([on(w) for w in ws], [on(s) for s in ss], [on(n) for n in ns], 0.03, backend=TR)
+    for i, (w, s, n) in enumerate(zip(ws, ss, ns)):
+        assert_same(mk.unpack_mask(got[i]).cpu(), ref.memorized_mask(w, s, n, 0.03), f"layer {i}")
+
+
+# ---------------------------------------------------------------------------------- packed masks
+
+
+@pytest.mark.parametrize("d_in", [1, 31, 32, 33, 77, 100], ids=lambda d: f"d{d}")
+def test_pack_unpack_round_trip(d_in):
+    mask = torch.rand(5, d_in) < 0.5
+    mask[0] = True  # bit 31 set: negative int32 words
+    mask[1] = False
+    packed = mk.pack_mask(on(mask), backend=TR)
+    assert_same(packed.words.cpu(), ref.pack_mask(mask), "words")
+    assert_same(mk.unpack_mask(packed, backend=TR).cpu(), mask, "unpacked")
+
+
+SIGNED = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+          torch.float64: torch.int64}
+NAN_WITH_PAYLOAD = {torch.float16: 0x7E01, torch.bfloat16: 0x7FC1, torch.float32: 0x7FC00001,
+                    torch.float64: 0x7FF8000000000001}
+
+
+@pytest.mark.parametrize("dtype", list(SIGNED), ids=["f16", "bf16", "f32", "f64"])
+def test_apply_and_restore_keep_exact_bits(dtype):
+    w = torch.randn(5, 70).to(dtype)
+    w[0, 0] = -0.0
+    w.view(SIGNED[dtype])[0, 2] = NAN_WITH_PAYLOAD[dtype]
+    mask = torch.rand(5, 70) < 0.3
+    mask[0, :3] = True
+    mask[4] = False  # a row with nothing removed
+    original = w.clone()
+    dev_w = on(w.clone())
+    record = mk.apply_mask(dev_w, on(mask), backend=TR)
+    expected_w = w.clone()
+    expected_removed = ref.apply_mask(expected_w, mask)
+    assert_same(dev_w.cpu().view(SIGNED[dtype]), expected_w.view(SIGNED[dtype]), "pruned weight bits")
+    assert_same(record.removed.cpu().view(SIGNED[dtype]), expected_removed.view(SIGNED[dtype]), "removed bits")
+    mk.restore(dev_w, record, backend=TR)
+    assert_same(dev_w.cpu().view(SIGNED[dtype]), original.view(SIGNED[dtype]), "restored bits")
+
+
+def test_apply_empty_mask_removes_nothing():
+    w = on(torch.randn(3, 40))
+    record = mk.apply_mask(w, on(torch.zeros(3, 40, dtype=torch.bool)), backend=TR)
+    assert record.count == 0
+    mk.restore(w, record, backend=TR)
+
+
+@pytest.mark.parametrize("n, shape", [(1, (3, 70)), (6, (3, 70)), (23, (2, 40))], ids=["N1", "N6", "N23"])
+def test_density_and_iou_match_reference(n, shape):
+    masks = torch.rand(n, *shape) < torch.rand(n, 1, 1)
+    masks[0] = False  # an empty mask: IoU with another empty one is NaN
+    if n > 2:
+        masks[1] = False
+        masks[2] = True
+    assert_same(mk.mask_density(on(masks), backend=TR).cpu(), ref.mask_density(masks), "density")
+    assert_same(mk.mask_iou(on(masks), backend=TR).cpu(), ref.mask_iou(masks), "iou")
