@@ -121,11 +121,11 @@ def main() -> int:
         print(f"bench_driver: install {', '.join(missing)} first", file=sys.stderr)
         return 1
     from driver_hook_baseline import run_baseline
+
+    import memloc_kernels as mk
     from memloc.api import SubsetStatistics, load_stats, read_mask_file, read_prompts, resolve_subsets, subset_masks
     from memloc.collect import Denoiser
     from memloc.ffn import find_ffn_layers
-
-    import memloc_kernels as mk
 
     n_prompts = args.subsets * args.subset_size
     prompts = read_prompts(args.data / "sdv1_500_memorized.jsonl")[:n_prompts]

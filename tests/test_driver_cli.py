@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+import memloc_kernels as mk
 from memloc import cli
 from memloc.api import load_pipeline, load_stats, read_mask_file
 from memloc.stats import StatsCheckpoint, read_stats_metadata
 from memloc.tiny import build_tiny_pipeline, write_char_tokenizer
-
-import memloc_kernels as mk
 
 PROMPTS = ["a photo of a cat", "a red car on a road", "the mona lisa", "blue sky over green hills"]
 CHANNELS = (16, 32, 32, 32)

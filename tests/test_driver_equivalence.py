@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_masks_equal
+
+import memloc_kernels as mk
 from memloc import cli
 from memloc.api import apply_masks, collect_statistics, load_pipeline, load_stats, localize, read_mask_file
 from memloc.tiny import build_tiny_pipeline, write_char_tokenizer
-
-import memloc_kernels as mk
 
 PROMPTS = ["a photo of a cat", "a red car on a road", "the mona lisa", "blue sky over green hills"]
 STEPS, TAU, GUIDANCE, SEED = 3, 1, 7.5, 10

@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
+
 from memloc.collect import Accumulators, instrument
 from memloc.errors import MemlocError
 from memloc.ffn import check_identity, find_ffn_layers, identity
@@ -135,6 +136,7 @@ def test_denoiser_without_ffns_is_rejected():
 
 def test_collect_rejects_a_pipeline_it_cannot_denoise(tmp_path):
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
     from memloc.collect import collect_statistics
 
     transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, num_layers=1, sample_size=8,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from memloc.errors import MemlocError
 from memloc.prompts import read_prompts
 

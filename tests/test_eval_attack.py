@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from memloc.eval.attack import AttackConfig, analyze_prompt, attack_pipeline
 from memloc.eval.loading import ImageFolder
 from memloc.eval.report import table1_rows
-from PIL import Image
 
 K, SIZE = 10, 32
 

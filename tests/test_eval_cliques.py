@@ -4,6 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
+
 from memloc.eval.cliques import clique_medoid, has_clique, max_clique
 
 

@@ -7,8 +7,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from memloc.cli import main
 from PIL import Image
+
+from memloc.cli import main
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+
 from memloc.eval.detection import detection_metric
 from memloc.eval.mitigation import default_target_loss, mitigate_embeddings
 from memloc.eval.sampling import encode_prompts, generate, initial_noise, seeds_for

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+
 from memloc.eval.detection import detection_metric
 from memloc.eval.loading import EMBEDDED_MODEL, load_pipeline, read_memorization
 

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+
 from memloc.errors import MemlocError
 from memloc.eval.loading import EMBEDDED_MODEL, ImageFolder, load_pipeline, read_prompts
 from memloc.eval.masks import apply_mask_file, driver_apply
@@ -72,8 +73,9 @@ def test_clip_messages(tmp_path):
 
 
 def test_clip_score_on_a_tiny_clip_folder(tmp_path):
-    from memloc.tiny import write_char_tokenizer
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from memloc.tiny import write_char_tokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(str(write_char_tokenizer(tmp_path / "tok")))
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)

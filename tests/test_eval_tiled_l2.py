@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+
 from memloc.eval.tiled_l2 import PAPER_THRESHOLD, threshold_from_tile_l2, tile_bounds, tiled_l2
 
 

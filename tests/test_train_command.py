@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from memloc.cli import main
 from memloc.train import models
 from memloc.train.manifest import read_manifest
@@ -129,10 +130,11 @@ def test_pack_and_unpack_round_trip(trained, tmp_path):
 
 
 def test_embedded_preset_fits_the_size_limit(tmp_path):
+    from transformers import CLIPTokenizer
+
     from memloc.train.photos import PHOTOS
     from memloc.train.shapes import CaptionTable
     from memloc.train.tokenizer import write_clip_tokenizer
-    from transformers import CLIPTokenizer
 
     cfg = models.PRESETS["embedded"]
     tok_dir = write_clip_tokenizer(tmp_path / "tok", CaptionTable().captions + [p.caption for p in PHOTOS])

@@ -7,6 +7,7 @@ import socket
 import numpy as np
 import pytest
 import torch
+
 from memloc.train.attributes import attribute_hits, detect
 from memloc.train.measure import rmse
 from memloc.train.shapes import (

@@ -7,12 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from memloc.cli import main
 from memloc.errors import MemlocError
 from memloc.train.finetune import FinetuneOptions, choose_duplicated, read_image_folder
 from memloc.train.manifest import read_manifest
 from memloc.train.shapes import render, sample_generic
-from PIL import Image
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+
 from memloc.errors import MemlocError
 from memloc.train.manifest import Manifest, read_manifest, write_manifest
 from memloc.train.measure import diversity, generate, measure, memorized_stats, rmse

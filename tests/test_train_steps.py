@@ -6,13 +6,14 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
 from memloc.train import models
 from memloc.train.denoiser import LatentSource, denoiser_step, value_names
 from memloc.train.loop import lr_at, make_adamw, run_loop, set_lr
 from memloc.train.shapes import render, sample_generic
 from memloc.train.vae import VAE_VALUES, vae_step
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 CFG = models.PRESETS["tiny"]
 
@@ -28,8 +29,9 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from memloc.train.tokenizer import write_clip_tokenizer
     from transformers import CLIPTokenizer
+
+    from memloc.train.tokenizer import write_clip_tokenizer
 
     path = write_clip_tokenizer(tmp_path_factory.mktemp("tok"), ["a red circle", "two blue squares", "a cat"], 16)
     return CLIPTokenizer.from_pretrained(str(path))

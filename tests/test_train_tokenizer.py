@@ -6,6 +6,7 @@ import json
 from collections import Counter
 
 import pytest
+
 from memloc.errors import MemlocError
 from memloc.train.photos import PHOTOS
 from memloc.train.shapes import CaptionTable
