@@ -51,6 +51,11 @@ def left() -> float:
 
 
 def commit() -> str:
+    """$MEMLOC_COMMIT if set (a copy of the tree without .git), else this checkout's HEAD, else 'unknown'."""
+    if os.environ.get("MEMLOC_COMMIT"):
+        return os.environ["MEMLOC_COMMIT"]
+    if not (ROOT / ".git").exists():  # git would report an enclosing repository's HEAD
+        return "unknown"
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              timeout=5)
@@ -413,8 +418,8 @@ def main() -> int:
     apply_restore(mk, copy_gbps)
     statistics(mk)
     unet_forward(mk)
-    mask_sweep(mk, [{"chunk": 4}, {"chunk": 16}, {"vec": 1}, {"progs_per_sm": 2}, {"progs_per_sm": 8},
-                    {"num_warps": 8}])
+    mask_sweep(mk, [{"fallback": "deferred"}, {"fallback": "deferred", "maxnreg": 168}, {"chunk": 4},
+                    {"chunk": 16}, {"vec": 1}, {"progs_per_sm": 2}, {"progs_per_sm": 8}, {"num_warps": 8}])
     write_csv()
     print_table()
     return 0

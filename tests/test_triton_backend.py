@@ -239,6 +239,39 @@ def test_memorized_mask_zero_rows_and_zero_columns():
     check_mask(w, s, torch.zeros(2, 3, 100), 0.3)
 
 
+def tied_stats(s: int, t: int, d_in: int) -> torch.Tensor:
+    """Every third vector all ones (with planted_ties, its rows tie at the k-th place), others random."""
+    stats = torch.rand(s, t, d_in) * 5
+    stats.view(-1, d_in)[::3] = 1.0  # every third (subset, timestep) vector
+    return stats
+
+
+# The deferred fallback (dense path in a second kernel over (row, vector) flags): ties at the
+# k-th place and candidate-buffer overflows must reach it; > 32 vectors need two flag words.
+DEFERRED_CASES = [
+    pytest.param(lambda: planted_ties(4, 100), lambda: torch.ones(2, 100), lambda: torch.zeros(100), 0.05, {},
+                 id="planted-ties"),
+    pytest.param(lambda: planted_ties(3, 100), lambda: tied_stats(20, 2, 100), lambda: torch.rand(100), 0.05,
+                 {"chunk": 8}, id="ties-S20T2-two-flag-words"),
+    pytest.param(lambda: torch.randn(3, 320), lambda: torch.rand(2, 320) * 5, lambda: torch.rand(320), 0.05,
+                 {"cand": 4}, id="overflow-cand4"),
+    pytest.param(lambda: torch.randn(4, 37), lambda: torch.rand(37), lambda: torch.rand(37), 0.1, {},
+                 id="d37-no-fallback"),
+    pytest.param(lambda: torch.randn(3, 100), lambda: torch.rand(2, 100), lambda: torch.rand(100), 0.3,
+                 {"dense": True}, id="dense-path"),
+]
+
+
+@pytest.mark.parametrize("make_w, make_s, make_n, sparsity, overrides", DEFERRED_CASES)
+def test_memorized_mask_deferred_fallback_identical_to_reference(make_w, make_s, make_n, sparsity, overrides):
+    check_mask(make_w().to(torch.float16), make_s(), make_n(), sparsity, fallback="deferred", **overrides)
+
+
+def test_mask_overrides_reject_unknown_fallback():
+    with pytest.raises(ValueError, match="fallback"), _config.mask_overrides(fallback="sometimes"):
+        pass
+
+
 def test_memorized_mask_or_into_out():
     w = torch.randn(3, 100, dtype=torch.float16)
     s, n = torch.rand(2, 2, 100), torch.rand(2, 2, 100)

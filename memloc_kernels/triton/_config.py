@@ -54,6 +54,11 @@ class MaskConfig:
     candidate selections run together (hides the bisection's latency). ``dense`` selects the exact
     full-row path for every vector (when k is large). ``progs_per_sm`` sizes the persistent grid
     until the first launch has told how many programs per SM the compiled kernel's registers allow.
+    ``fallback``: where the rare vectors that the candidate path cannot decide (buffer overflow, a
+    tie at the k-th place) get the exact dense path: ``"inline"`` in the main kernel, or
+    ``"deferred"`` to a second kernel over (row, vector) flags, which keeps the dense path's
+    registers out of the main kernel (see docs/TRITON_MASK_NOTES.md). ``maxnreg``: a register cap
+    for the main kernel (0: none), so that more programs fit on an SM.
     """
 
     num_warps: int
@@ -65,11 +70,18 @@ class MaskConfig:
     chunk: int
     dense: bool
     progs_per_sm: int
+    fallback: str = "inline"
+    maxnreg: int = 0
 
 
 # Fields a benchmark or a user may force (``mask_overrides(chunk=4)``).
 _MASK_OVERRIDES: dict[str, object] = {}
-_MASK_FIELDS = ("num_warps", "vec", "cand", "chunk", "dense", "progs_per_sm")
+_MASK_FIELDS = ("num_warps", "vec", "cand", "chunk", "dense", "progs_per_sm", "fallback", "maxnreg")
+
+# The defaults of the two variant switches (flip after the GPU comparison in
+# benchmarks/bench_mask_variants.py; docs/TRITON_MASK_NOTES.md has the analysis).
+MASK_FALLBACK = "inline"
+MASK_MAXNREG = 0
 
 
 @contextlib.contextmanager
@@ -78,6 +90,8 @@ def mask_overrides(**fields: object) -> Iterator[None]:
     unknown = set(fields) - set(_MASK_FIELDS)
     if unknown:
         raise ValueError(f"unknown MaskConfig fields: {sorted(unknown)} (allowed: {', '.join(_MASK_FIELDS)})")
+    if fields.get("fallback", "inline") not in ("inline", "deferred"):
+        raise ValueError(f"fallback must be 'inline' or 'deferred', got {fields['fallback']!r}")
     saved = dict(_MASK_OVERRIDES)
     _MASK_OVERRIDES.update(fields)
     try:
@@ -136,7 +150,8 @@ def mask_config(d_in: int, k: int, vectors: int) -> MaskConfig:
     dense = _valid_bound_groups(d_in, pa, pb, nt, vec, sa) < k or k > 256
     cand = max(16, pow2_ceil((5 * k + 1) // 2))
     chunk = 1 if vectors <= 1 else min(8, pow2_ceil(vectors))
-    cfg = MaskConfig(num_warps, pa, pb, vec, sa, cand, chunk, dense, progs_per_sm=4)
+    cfg = MaskConfig(num_warps, pa, pb, vec, sa, cand, chunk, dense, progs_per_sm=4, fallback=MASK_FALLBACK,
+                     maxnreg=MASK_MAXNREG)
     extra = {f: v for f, v in _MASK_OVERRIDES.items() if f not in ("num_warps", "vec")}
     if extra:
         cfg = dataclasses.replace(cfg, **extra)

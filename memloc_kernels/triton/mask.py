@@ -35,7 +35,10 @@ from . import _config
 # Vectors whose candidates overflow the buffer, or whose k-th value is tied (slots are not in
 # column order, and ties go to the lower column), and every vector when k is large, take an
 # exact dense path: full-row bisection on the bits, a cumsum over equal scores in column order,
-# a dense null test, and the words packed and OR-ed.
+# a dense null test, and the words packed and OR-ed. With MaskConfig.fallback == "deferred" that
+# path runs in _dense_fallback_kernel over (row, vector) flags instead: compiled into the main
+# kernel it sets the whole kernel's register count (~250 vs ~155 for a single vector), and with it
+# how few programs fit on an SM (docs/TRITON_MASK_NOTES.md).
 #
 # Instructions per row element and vector (from the compiled SASS for sm_90, 5120-wide rows,
 # 4 warps, 40 elements per thread): about 25 with 8 vectors per chunk, about 29 for a single
@@ -177,12 +180,12 @@ def _bound_round(ma, mb, lo, width, k, PB: tl.constexpr):
 
 @triton.jit
 def _memorized_mask_kernel(
-    w_ptr, n_ptr, z_ptr, out_ptr, scr_ptr,
+    w_ptr, n_ptr, z_ptr, out_ptr, scr_ptr, flag_ptr,
     row_layer_ptr, row_index_ptr, lay_w_ptr, lay_n_ptr, lay_z_ptr, lay_o_ptr, lay_d_ptr,
-    d_in, n_words, k, n_vec, n_t, n_rows,
+    d_in, n_words, k, n_vec, n_t, n_rows, n_vw,
     PA: tl.constexpr, PB: tl.constexpr, PBW: tl.constexpr, NT: tl.constexpr, VEC: tl.constexpr,
     SA: tl.constexpr, CG: tl.constexpr, TB: tl.constexpr, DENSE: tl.constexpr, ALIGNED: tl.constexpr,
-    EVEN: tl.constexpr, PREFETCH: tl.constexpr, QW: tl.constexpr,
+    EVEN: tl.constexpr, PREFETCH: tl.constexpr, QW: tl.constexpr, DEFER: tl.constexpr,
 ):
     """Persistent grid; a program takes one weight row at a time and loops over all vectors."""
     RA: tl.constexpr = PA // (NT * VEC)
@@ -202,8 +205,10 @@ def _memorized_mask_kernel(
     raw_a = tl.zeros(ca.shape, dtype=w_ptr.dtype.element_ty)
     raw_b = tl.zeros(cb.shape, dtype=w_ptr.dtype.element_ty)
     if PREFETCH:
-        w_first = w_ptr + tl.load(lay_w_ptr + tl.load(row_layer_ptr + pid)) + tl.load(
-            row_index_ptr + pid).to(tl.int64) * d_in
+        w_first_off = tl.load(lay_w_ptr + tl.load(row_layer_ptr + pid))
+        if ALIGNED and DEFER:
+            w_first_off = tl.multiple_of(w_first_off, 16)
+        w_first = w_ptr + w_first_off + tl.load(row_index_ptr + pid).to(tl.int64) * d_in
         raw_a = _load_cols(w_first, ca, d_in, 0.0, EVEN)
         if PB > 0:
             raw_b = _load_cols(w_first, cb, d_in, 0.0, EVEN)
@@ -232,8 +237,10 @@ def _memorized_mask_kernel(
             nxt = task + nprog
             lim = tl.where(nxt < n_rows, d_in, 0)
             nxt = tl.minimum(nxt, n_rows - 1)
-            nxt_w = w_ptr + tl.load(lay_w_ptr + tl.load(row_layer_ptr + nxt)) + tl.load(
-                row_index_ptr + nxt).to(tl.int64) * d_in
+            nxt_off = tl.load(lay_w_ptr + tl.load(row_layer_ptr + nxt))
+            if ALIGNED and DEFER:  # lets the compiler load VEC halves at once instead of one each
+                nxt_off = tl.multiple_of(nxt_off, 16)
+            nxt_w = w_ptr + nxt_off + tl.load(row_index_ptr + nxt).to(tl.int64) * d_in
             raw_a = tl.load(nxt_w + ca, mask=ca < lim, other=0.0)
             if PB > 0:
                 raw_b = tl.load(nxt_w + cb, mask=cb < lim, other=0.0)
@@ -333,7 +340,13 @@ def _memorized_mask_kernel(
                 out_v = out_ptr + o_off + ((vv // n_t) * d_out + row) * n_words
                 tl.atomic_or(out_v[None, :, None] + (col >> 5), (1 << (col & 31)), mask=sel, sem="relaxed")
                 spill = live & ~ok
-                if tl.max(spill.to(tl.int32), axis=0) > 0:
+                if DEFER:
+                    # flag (row, vector) for _dense_fallback_kernel: keeping the dense path out of
+                    # this kernel keeps its registers out of this kernel's allocation
+                    vs = v0 + tb
+                    tl.atomic_or(flag_ptr + task * n_vw + (vs >> 5), 1 << (vs & 31), mask=spill,
+                                 sem="relaxed")
+                elif tl.max(spill.to(tl.int32), axis=0) > 0:
                     for i in range(0, TB):
                         if tl.max(tl.where(tb == i, spill.to(tl.int32), 0), axis=0) > 0:
                             vs = v0 + i
@@ -341,6 +354,48 @@ def _memorized_mask_kernel(
                             _dense_vector(absa, absb, n_ptr + n_off + vs.to(tl.int64) * d_in,
                                           z_ptr + z_off + vs.to(tl.int64) * d_in, out_s, ca, cb, d_in, n_words, k,
                                           PA, PB, PBW)
+
+
+@triton.jit
+def _dense_fallback_kernel(
+    w_ptr, n_ptr, z_ptr, out_ptr, flag_ptr,
+    row_layer_ptr, row_index_ptr, lay_w_ptr, lay_n_ptr, lay_z_ptr, lay_o_ptr, lay_d_ptr,
+    d_in, n_words, k, n_t, n_rows, n_vw,
+    PA: tl.constexpr, PB: tl.constexpr, PBW: tl.constexpr, NT: tl.constexpr, VEC: tl.constexpr,
+    EVEN: tl.constexpr,
+):
+    """The exact dense path for the (row, vector) pairs that the main kernel flagged (deferred variant)."""
+    RA: tl.constexpr = PA // (NT * VEC)
+    RB: tl.constexpr = PBW // (NT * VEC)
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    t = tl.arange(0, NT)
+    jv = tl.arange(0, VEC)
+    ca = (tl.arange(0, RA)[:, None, None] * NT + t[None, :, None]) * VEC + jv[None, None, :]
+    cb = PA + (tl.arange(0, RB)[:, None, None] * NT + t[None, :, None]) * VEC + jv[None, None, :]
+    for task in range(pid, n_rows, nprog):
+        flags = flag_ptr + task * n_vw
+        for wv in range(0, n_vw):
+            word = tl.load(flags + wv)
+            if word != 0:  # rare: the W row is loaded only for rows with a flagged vector
+                layer = tl.load(row_layer_ptr + task)
+                row = tl.load(row_index_ptr + task)
+                d_out = tl.load(lay_d_ptr + layer)
+                n_off = tl.load(lay_n_ptr + layer)
+                z_off = tl.load(lay_z_ptr + layer)
+                o_off = tl.load(lay_o_ptr + layer)
+                w_row = w_ptr + tl.load(lay_w_ptr + layer) + row.to(tl.int64) * d_in
+                absa = _abs_row(_load_cols(w_row, ca, d_in, 0.0, EVEN), ca, d_in, EVEN)
+                absb = absa
+                if PB > 0:
+                    absb = _abs_row(_load_cols(w_row, cb, d_in, 0.0, EVEN), cb, d_in, EVEN)
+                for b in range(0, 32):
+                    if ((word >> b) & 1) != 0:
+                        v = wv * 32 + b
+                        out_row = out_ptr + o_off + ((v // n_t).to(tl.int64) * d_out + row) * n_words
+                        _dense_vector(absa, absb, n_ptr + n_off + v.to(tl.int64) * d_in,
+                                      z_ptr + z_off + v.to(tl.int64) * d_in, out_row, ca, cb, d_in, n_words, k,
+                                      PA, PB, PBW)
 
 
 @dataclasses.dataclass
@@ -435,16 +490,26 @@ def _launch(layers: list[_Layer], roots: torch.Tensor, n_starts: list[int], z_st
     per_sm = _OCCUPANCY.get(occupancy_key, cfg.progs_per_sm)
     nprog = max(1, min(n_rows, per_sm * _config.num_sms(device)))
     scratch = torch.empty(nprog * cfg.chunk * (cfg.cand + 1) * 2 * cfg.vec, dtype=torch.int32, device=device)
+    defer = cfg.fallback == "deferred" and not cfg.dense
+    n_vw = (n_vec + 31) // 32
+    # deferred: one bit per (row, vector) that needs the dense path, OR-ed by the main kernel
+    flags = torch.zeros(n_rows * n_vw if defer else 1, dtype=torch.int32, device=device)
+    tables = (row_layer, row_index, tab(w_offs, torch.int64), tab(n_starts, torch.int64),
+              tab(z_starts, torch.int64), tab(o_offs, torch.int64), tab(heights, torch.int32))
+    row_tile = dict(PA=cfg.pa, PB=cfg.pb, PBW=cfg.pb or 32 * cfg.num_warps * cfg.vec, NT=32 * cfg.num_warps,
+                    VEC=cfg.vec, EVEN=cfg.pa + cfg.pb == d_in)
+    regs_cap = {"maxnreg": cfg.maxnreg} if cfg.maxnreg and not _config.interpreting() else {}
     compiled = _memorized_mask_kernel[(nprog,)](
-        w_base, roots, roots, o_base, scratch,
-        row_layer, row_index,
-        tab(w_offs, torch.int64), tab(n_starts, torch.int64), tab(z_starts, torch.int64),
-        tab(o_offs, torch.int64), tab(heights, torch.int32),
-        d_in, (d_in + 31) // 32, k, n_vec, t, n_rows,
-        PA=cfg.pa, PB=cfg.pb, PBW=cfg.pb or 32 * cfg.num_warps * cfg.vec, NT=32 * cfg.num_warps, VEC=cfg.vec, SA=cfg.sa,
-        CG=cfg.cand, TB=cfg.chunk, DENSE=cfg.dense, ALIGNED=aligned, EVEN=cfg.pa + cfg.pb == d_in,
-        PREFETCH=n_vec <= 2, QW=min(32, cfg.cand * cfg.vec), num_warps=cfg.num_warps,
+        w_base, roots, roots, o_base, scratch, flags, *tables,
+        d_in, (d_in + 31) // 32, k, n_vec, t, n_rows, n_vw,
+        **row_tile, SA=cfg.sa, CG=cfg.cand, TB=cfg.chunk, DENSE=cfg.dense, ALIGNED=aligned,
+        PREFETCH=n_vec <= 2, QW=min(32, cfg.cand * cfg.vec), DEFER=defer, num_warps=cfg.num_warps, **regs_cap,
     )
+    if defer:
+        _dense_fallback_kernel[(max(1, min(n_rows, 4 * _config.num_sms(device))),)](
+            w_base, roots, roots, o_base, flags, *tables,
+            d_in, (d_in + 31) // 32, k, t, n_rows, n_vw, **row_tile, num_warps=cfg.num_warps,
+        )
     regs = getattr(compiled, "n_regs", 0)
     if device.type == "cuda" and regs and occupancy_key not in _OCCUPANCY and not _config.mask_forced("progs_per_sm"):
         # persistent grid: as many programs per SM as its registers hold (at most 64 warps)
