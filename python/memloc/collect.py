@@ -242,19 +242,29 @@ class _Writer:
             item = self._queue.get()
             if item is None:
                 return
-            names, done_flag, indices, rows = item
+            names, done_flag, indices, rows, copied = item
             if self.error is not None:
                 continue
             try:
+                if copied is not None:
+                    copied.synchronize()  # releases the GIL: the main thread keeps launching the next batch
                 for name, branch in zip(names, (1, 0)):
                     self.checkpoint.write_rows(name, indices, rows[branch])
                 self.checkpoint.mark_done(done_flag, indices)
             except BaseException as exc:  # surfaced in the main thread by submit()/close()
                 self.error = exc
 
-    def submit(self, names: tuple[str, str], done_flag: str, indices: list[int], rows: torch.Tensor) -> None:
+    def submit(
+        self,
+        names: tuple[str, str],
+        done_flag: str,
+        indices: list[int],
+        rows: torch.Tensor,
+        copied: torch.cuda.Event | None = None,
+    ) -> None:
+        """Queue ``rows`` (host memory) for writing; ``copied``, if given, marks the end of their copy there."""
         self._raise()
-        self._queue.put((names, done_flag, indices, rows))
+        self._queue.put((names, done_flag, indices, rows, copied))
 
     def close(self) -> None:
         self._queue.put(None)
@@ -434,6 +444,7 @@ def _fill(checkpoint, runner, layers, meta, batch_size, backend, normalize, prog
     null_todo = [int(i) for i in np.flatnonzero(~checkpoint.done("null_done"))] if meta["null"] == "empty" else []
     accs = Accumulators(layers, runner.n_steps, runner.device)
     writer = _Writer(checkpoint)
+    to_host = _HostCopier(torch.device(runner.device))
     repeated = {s for s, n in Counter(seeds).items() if n > 1}
     null_cache: dict[int, torch.Tensor] = {}
     bar = tqdm(total=len(todo) + len(null_todo), desc="collect", unit="prompt", disable=not progress or None)
@@ -442,7 +453,7 @@ def _fill(checkpoint, runner, layers, meta, batch_size, backend, normalize, prog
             for start in range(0, len(todo), batch_size):
                 batch = todo[start : start + batch_size]
                 rows = _guarded(runner, accs, [prompts[i] for i in batch], [seeds[i] for i in batch], checkpoint)
-                writer.submit(("cond", "uncond"), "done", batch, rows.cpu())
+                writer.submit(("cond", "uncond"), "done", batch, *to_host(rows))
                 bar.update(len(batch))
             # the empty prompt's statistics depend only on the seed: run each seed once
             for start in range(0, len(null_todo), batch_size):
@@ -450,17 +461,42 @@ def _fill(checkpoint, runner, layers, meta, batch_size, backend, normalize, prog
                 run = [i for i in batch if seeds[i] not in null_cache]
                 run_seeds = list(dict.fromkeys(seeds[i] for i in run))
                 if run_seeds:
-                    rows = _guarded(runner, accs, [""] * len(run_seeds), run_seeds, checkpoint).cpu()
+                    rows = _guarded(runner, accs, [""] * len(run_seeds), run_seeds, checkpoint)
                     fresh = {s: rows[:, j] for j, s in enumerate(run_seeds)}
                     null_cache.update({s: r for s, r in fresh.items() if s in repeated})
                 else:
                     fresh = {}
                 rows = torch.stack([fresh.get(seeds[i], null_cache.get(seeds[i])) for i in batch], dim=1)
-                writer.submit(("null_cond", "null_uncond"), "null_done", batch, rows)
+                writer.submit(("null_cond", "null_uncond"), "null_done", batch, *to_host(rows))
                 bar.update(len(batch))
     finally:
         bar.close()
         writer.close()
+
+
+class _HostCopier:
+    """Copies a batch's statistics to pinned host memory on a side stream, without waiting for them.
+
+    A blocking ``.cpu()`` would stall the host until the GPU has drained the batch, then copy
+    through pageable memory while the GPU idles; here the host goes on to the next batch at once
+    and the writer thread waits on the copy's event. Pinned blocks come from torch's caching host
+    allocator, which does not reuse a block before the copies recorded on it have finished.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def __call__(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        if self.stream is None:
+            return rows.cpu(), None
+        host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+        self.stream.wait_stream(torch.cuda.current_stream(rows.device))
+        with torch.cuda.stream(self.stream):
+            host.copy_(rows, non_blocking=True)
+            rows.record_stream(self.stream)  # the allocator must not hand out rows' memory before the copy
+            copied = torch.cuda.Event()
+            copied.record(self.stream)
+        return host, copied
 
 
 def _guarded(runner, accs, prompts, seeds, checkpoint) -> torch.Tensor:

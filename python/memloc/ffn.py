@@ -89,17 +89,22 @@ def fingerprint(layers: list[FFNLayer]) -> list[list[float]]:
     Pruning only touches the second linear layers, so a pruned model keeps the fingerprint of the
     model it came from; values are compared with a tolerance, so loading in another dtype keeps it.
     """
-    values = []
+    picks: list[torch.Tensor | None] = []
     for layer in layers:
         proj = getattr(layer.act, "proj", None)
         weight = proj.weight if isinstance(proj, torch.nn.Linear) else layer.linear.bias
         if weight is None or weight.is_meta:
-            values.append([])
+            picks.append(None)
             continue
         flat = weight.detach().reshape(-1)
         index = torch.linspace(0, flat.numel() - 1, FINGERPRINT_SAMPLES, device=flat.device).round().long()
-        values.append([float(f"{v:.6g}") for v in flat[index].float().cpu().tolist()])
-    return values
+        picks.append(flat[index].float())
+    # one device-to-host copy (one sync) for all layers instead of one per layer
+    present = [p for p in picks if p is not None]
+    if present and len({p.device for p in present}) == 1:
+        host = iter(torch.cat(present).cpu().split(FINGERPRINT_SAMPLES))
+        picks = [None if p is None else next(host) for p in picks]
+    return [[] if p is None else [float(f"{v:.6g}") for v in p.cpu().tolist()] for p in picks]
 
 
 def identity(denoiser: torch.nn.Module, layers: list[FFNLayer], source: str | None = None) -> dict:

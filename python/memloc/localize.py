@@ -117,6 +117,13 @@ def resolve_subsets(
     return [list(map(int, s)) for s in subsets]
 
 
+def needed_tensors(meta: dict, null: str) -> tuple[str, ...]:
+    """The statistics tensors that :class:`SubsetStatistics` reads for this ``null``: only those are loaded."""
+    if meta.get("pooled_branches"):
+        return ("cond", "uncond", "null_cond", "null_uncond")
+    return ("cond", "uncond" if null == "uncond" else "null_cond")
+
+
 class SubsetStatistics:
     """Per-layer prompt statistics ``[P, T * d_in]`` on the device, summed over subsets on demand.
 
@@ -148,9 +155,11 @@ class SubsetStatistics:
         self.device = torch.device(device)
 
     def selection(self, subsets: list[list[int]]) -> torch.Tensor:
+        """``[S, P]`` float64, 1 where subset ``s`` holds prompt ``p`` (one indexed write, not one per subset)."""
+        rows = [s for s, subset in enumerate(subsets) for _ in subset]
+        cols = [p for subset in subsets for p in subset]
         sel = torch.zeros(len(subsets), self.n_prompts, dtype=torch.float64)
-        for s, subset in enumerate(subsets):
-            sel[s, subset] = 1.0
+        sel[rows, cols] = 1.0
         return sel.to(self.device)
 
     def sums(self, subsets: list[list[int]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -189,14 +198,22 @@ def subset_masks(
         else:
             largest = max(w.numel() for w in weights)
             chunk = max(1, (1 << 30) // (per_subset + 12 * subset_stats.n_steps * largest))
-    parts: list[list[torch.Tensor]] = [[] for _ in weights]
+    # the result is allocated once and each chunk ORs into its rows: no concatenation (a copy of every
+    # mask) at the end; a retried chunk ORs the same bits again, which leaves them unchanged
+    words = [
+        torch.zeros(len(subsets), w.shape[0], mk.n_words(w.shape[1]), dtype=torch.int32, device=w.device)
+        for w in weights
+    ]
     bar = tqdm(total=len(subsets), desc="localize", unit="subset", disable=not progress or None)
     start = 0
     while start < len(subsets):
         batch = subsets[start : start + chunk]
+        outs = [mk.PackedMask(wd[start : start + len(batch)], w.shape[1]) for wd, w in zip(words, weights)]
         try:
             signal, null = subset_stats.sums(batch)
-            masks = mk.memorized_masks(weights, signal, null, sparsity, backend=backend)
+            # one device sync for the whole chunk instead of the ops' two per tensor
+            check = not _all_finite_nonnegative(signal + null)
+            mk.memorized_masks(weights, signal, null, sparsity, outs=outs, check_finite=check, backend=backend)
         except torch.OutOfMemoryError:
             if chunk == 1:
                 raise
@@ -204,12 +221,20 @@ def subset_masks(
             chunk = max(1, chunk // 2)
             torch.cuda.empty_cache()
             continue
-        for i, m in enumerate(masks):
-            parts[i].append(m.words)
         start += len(batch)
         bar.update(len(batch))
     bar.close()
-    return [mk.PackedMask(torch.cat(p) if len(p) > 1 else p[0], w.shape[1]) for p, w in zip(parts, weights)]
+    return [mk.PackedMask(wd, w.shape[1]) for wd, w in zip(words, weights)]
+
+
+def _all_finite_nonnegative(tensors: list[torch.Tensor]) -> bool:
+    """Whether every value is finite and >= 0, with one host sync for all tensors.
+
+    min/max propagate NaN, so a NaN fails ``min >= 0``; -inf fails it too and +inf fails
+    ``max < inf``. When this says no, the ops' own check runs and raises its usual error.
+    """
+    bounds = torch.stack([torch.stack(torch.aminmax(t.float())) for t in tensors]).cpu()
+    return bool((bounds[:, 0] >= 0).all()) and bool((bounds[:, 1] < math.inf).all())
 
 
 @dataclass
@@ -339,7 +364,7 @@ def localize(
     layers = find_ffn_layers(denoiser)
     model_id = identity(denoiser, layers, source)
     check_identity(meta["model"], model_id, f"statistics file {stats}")
-    loaded = load_stats(stats, device=dev)
+    loaded = load_stats(stats, device=dev, names=needed_tensors(meta, null))
     subset_stats = SubsetStatistics(loaded, tau, null, dev)
     del loaded
     with torch.no_grad():

@@ -264,24 +264,109 @@ def read_stats_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
-def load_stats(path: str | os.PathLike, device: str | torch.device = "cpu") -> Stats:
-    """Read and validate a statistics file; refuses an incomplete one."""
-    from safetensors import SafetensorError, safe_open
+_TORCH_DTYPES = {"F32": torch.float32, "U8": torch.uint8}
+_READ_PIECE = 16 << 20  # bytes per read: a pinned staging buffer's size
+_READ_THREADS = 4  # reads from the page cache are memcpy-bound per thread; os.preadv releases the GIL
 
-    meta = read_stats_metadata(path)
-    tensors = {}
+
+def _pread_into(fd: int, buffer: np.ndarray, offset: int) -> None:
+    """Fill the uint8 ``buffer`` from ``fd`` at ``offset``; a short file raises EOFError."""
+    view, done = memoryview(buffer), 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise EOFError(f"the file ends {len(view) - done} bytes early")
+        done += got
+
+
+def _read_tensors(path: Path, entries: dict[str, dict], data_start: int, device: torch.device) -> dict:
+    """The named tensors of a safetensors file, read straight into ``device`` memory.
+
+    safetensors' ``get_tensor`` copies out of a memory map and ``.to(cuda)`` then copies again
+    through pageable memory, one thread; here pieces are read by several threads (into the
+    destination on the CPU, into reused pinned buffers on a GPU, whose asynchronous uploads
+    overlap the next reads).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    out, jobs = {}, []  # jobs: (destination bytes, file offset, size)
+    for name, entry in entries.items():
+        begin, end = (int(x) for x in entry["data_offsets"])
+        dtype = _TORCH_DTYPES[entry["dtype"]]
+        tensor = torch.empty(entry["shape"], dtype=dtype, device=device)
+        if tensor.numel() * tensor.element_size() != end - begin:
+            raise MemlocError(f"{path} is malformed: tensor {name} holds {end - begin} bytes, expected "
+                              f"{tensor.numel() * tensor.element_size()}")
+        out[name] = tensor
+        flat = tensor.view(-1).view(torch.uint8)
+        for a in range(0, end - begin, _READ_PIECE):
+            jobs.append((flat, a, data_start + begin + a, min(_READ_PIECE, end - begin - a)))
+    fd = os.open(path, os.O_RDONLY)
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                tensors[name] = f.get_tensor(name)
-    except (SafetensorError, OSError) as exc:
-        raise MemlocError(f"cannot read statistics file {path}: {exc}") from None
-    for which in ("done", "null_done"):
-        if which in tensors and not bool(tensors[which].bool().all()):
-            count = int(tensors[which].bool().sum())
-            run = " of the empty-prompt run" if which == "null_done" else ""
-            raise MemlocError(f"{path} is incomplete ({count} of {len(tensors[which])} prompts{run})")
-    for name in BRANCHES + NULL_BRANCHES:
-        if name in tensors:
-            tensors[name] = tensors[name].to(device)
+        with ThreadPoolExecutor(_READ_THREADS) as pool:
+            host_jobs = [j for j in jobs if not j[0].is_cuda]
+            list(pool.map(lambda j: _pread_into(fd, j[0][j[1] : j[1] + j[3]].numpy(), j[2]), host_jobs))
+            gpu_jobs = [j for j in jobs if j[0].is_cuda]
+            if gpu_jobs:
+                _upload(fd, gpu_jobs, pool, device)
+    finally:
+        os.close(fd)
+    return out
+
+
+def _upload(fd: int, jobs: list, pool, device: torch.device) -> None:
+    """Read ``jobs`` into a ring of pinned buffers and copy each to its device destination asynchronously."""
+    slots = 2 * _READ_THREADS
+    staging = [torch.empty(_READ_PIECE, dtype=torch.uint8, pin_memory=True) for _ in range(slots)]
+    uploaded: list[torch.cuda.Event | None] = [None] * slots
+    stream = torch.cuda.Stream(device)
+    pending = {}
+
+    def start(i: int) -> None:
+        slot = i % slots
+        if uploaded[slot] is not None:
+            uploaded[slot].synchronize()  # the slot's previous piece has left for the GPU
+        size = jobs[i][3]
+        pending[i] = pool.submit(_pread_into, fd, staging[slot][:size].numpy(), jobs[i][2])
+
+    for i in range(min(slots, len(jobs))):
+        start(i)
+    with torch.cuda.stream(stream):
+        for i, (flat, at, _, size) in enumerate(jobs):
+            pending.pop(i).result()
+            slot = i % slots
+            flat[at : at + size].copy_(staging[slot][:size], non_blocking=True)
+            uploaded[slot] = torch.cuda.Event()
+            uploaded[slot].record(stream)
+            if i + slots < len(jobs):
+                start(i + slots)
+    # later work on the current stream must see the uploaded data
+    torch.cuda.current_stream(device).wait_stream(stream)
+    for flat in {id(j[0]): j[0] for j in jobs}.values():
+        flat.record_stream(stream)
+
+
+def load_stats(
+    path: str | os.PathLike, device: str | torch.device = "cpu", names: tuple[str, ...] | None = None
+) -> Stats:
+    """Read and validate a statistics file; refuses an incomplete one.
+
+    ``names`` limits the statistics tensors read (``done`` flags are always read), e.g. to the
+    ones a localization needs.
+    """
+    meta = read_stats_metadata(path)
+    header, data_start = _read_header(Path(path))
+    wanted = [n for n in BRANCHES + NULL_BRANCHES if n in header and (names is None or n in names)]
+    flags = [n for n in ("done", "null_done") if n in header]
+    tensors = {}
+    for group, dev in ((flags, torch.device("cpu")), (wanted, torch.device(device))):
+        try:
+            tensors.update(_read_tensors(Path(path), {n: header[n] for n in group}, data_start, dev))
+        except (OSError, EOFError, KeyError, TypeError, ValueError) as exc:
+            raise MemlocError(f"cannot read statistics file {path}: {exc}") from None
+        for which in set(group) & {"done", "null_done"}:  # before reading the statistics themselves
+            if not bool(tensors[which].bool().all()):
+                count = int(tensors[which].bool().sum())
+                run = " of the empty-prompt run" if which == "null_done" else ""
+                raise MemlocError(f"{path} is incomplete ({count} of {len(tensors[which])} prompts{run})")
     return Stats(Path(path), meta, tensors)
