@@ -78,10 +78,11 @@ class MaskConfig:
 _MASK_OVERRIDES: dict[str, object] = {}
 _MASK_FIELDS = ("num_warps", "vec", "cand", "chunk", "dense", "progs_per_sm", "fallback", "maxnreg")
 
-# The defaults of the two variant switches (flip after the GPU comparison in
-# benchmarks/bench_mask_variants.py; docs/TRITON_MASK_NOTES.md has the analysis).
-MASK_FALLBACK = "inline"
-MASK_MAXNREG = 0
+# The defaults of the two variant switches, from benchmarks/bench_mask_variants.py on an H200
+# (2026-11-29, Triton 3.6; docs/TRITON_MASK_NOTES.md): SD1.5 single / batched per vector:
+# inline 424 / 268 us, deferred 396 / 262 us, deferred + maxnreg 168: 353 / 259 us (all exact).
+MASK_FALLBACK = "deferred"
+MASK_MAXNREG = 168
 
 
 @contextlib.contextmanager
