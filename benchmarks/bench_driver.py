@@ -26,7 +26,6 @@ import csv
 import datetime
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "python"), str(Path(__file__).resolve().parent)]
 
 import torch  # noqa: E402
+from _meta import git_commit, gpu_name  # noqa: E402
 
 SD15_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 SD15_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
@@ -69,20 +69,6 @@ def build_sd15(tokenizer_dir: Path, device: str, dtype: torch.dtype):
     pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def git_commit() -> str:
-    """$MEMLOC_COMMIT if set (a copy of the tree without .git), else this checkout's HEAD, else 'unknown'."""
-    if os.environ.get("MEMLOC_COMMIT"):
-        return os.environ["MEMLOC_COMMIT"]
-    if not (REPO / ".git").exists():  # git would report an enclosing repository's HEAD
-        return "unknown"
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def synced() -> float:
@@ -227,7 +213,7 @@ def main() -> int:
         (f"sweep: masks of {args.sweep} subsets", sweep, args.sweep),
         (f"sweep: mask kernels only ({args.sweep * (args.tau + 1)} vectors)", sweep_kernels, args.sweep),
     ]
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    gpu = gpu_name()
     print(f"\nbench_driver on {gpu}: SD1.5 shapes fp16 512x512, {args.steps} steps, tau {args.tau}, s {args.sparsity}, "
           f"{args.subsets} subsets x {args.subset_size} prompts, batch {args.batch_size} prompts, "
           f"backends {mk.available_backends()}")

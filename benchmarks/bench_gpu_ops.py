@@ -18,7 +18,6 @@ import csv
 import datetime
 import functools
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -28,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "python")]
 
 import torch  # noqa: E402
+from _meta import git_commit, gpu_name  # noqa: E402
 
 DEVICE = "cuda"
 BUDGET_S = 225.0
@@ -50,21 +50,7 @@ def left() -> float:
     return BUDGET_S - (time.monotonic() - T0)
 
 
-def commit() -> str:
-    """$MEMLOC_COMMIT if set (a copy of the tree without .git), else this checkout's HEAD, else 'unknown'."""
-    if os.environ.get("MEMLOC_COMMIT"):
-        return os.environ["MEMLOC_COMMIT"]
-    if not (ROOT / ".git").exists():  # git would report an enclosing repository's HEAD
-        return "unknown"
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=5)
-        return out.stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
-
-
-META = {"gpu": "", "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit()}
+META = {"gpu": "", "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": git_commit()}
 
 
 def record(op, shape, dtype, backend, ms, nbytes=None, per=1, timing="", note=""):
@@ -399,7 +385,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to benchmark")
         return 1
-    META["gpu"] = torch.cuda.get_device_name()
+    META["gpu"] = gpu_name()
     import memloc_kernels as mk
     from memloc_kernels import available_backends
 

@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: fixed seeds, the shared prompt data, readable mask comparisons."""
+"""Shared pytest fixtures: fixed seeds, the shared prompt data, one-thread runs, a tiny pipeline, mask comparisons."""
 
 from __future__ import annotations
 
@@ -31,6 +31,28 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "sdv1_500_memorized.jsonl").exists():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for the modules that ask (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    On a shared 2-core machine, two spinning OpenMP threads run 10x slower.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tmp_path_factory):
+    """A tiny random SD1-structured pipeline (16x16 images) on the CPU."""
+    from memloc.tiny import build_tiny_pipeline, write_char_tokenizer
+
+    pipe = build_tiny_pipeline(write_char_tokenizer(tmp_path_factory.mktemp("tokenizer")), seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def assert_masks_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "mask") -> None:

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from memloc.eval.attack import AttackConfig, analyze_prompt, attack_pipeline
@@ -11,26 +10,7 @@ from memloc.eval.report import table1_rows
 
 K, SIZE = 10, 32
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads run 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_pipe(tmp_path_factory):
-    """A tiny random SD1-structured pipeline (16x16 images) on the CPU."""
-    from memloc.tiny import build_tiny_pipeline, write_char_tokenizer
-
-    pipe = build_tiny_pipeline(write_char_tokenizer(tmp_path_factory.mktemp("tokenizer")), seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _near_copies(rng, base: np.ndarray, n: int) -> np.ndarray:

@@ -7,19 +7,13 @@ import torch
 from memloc.eval.detection import detection_metric
 from memloc.eval.loading import EMBEDDED_MODEL, load_pipeline, read_memorization
 
-pytestmark = pytest.mark.skipif(
-    not (EMBEDDED_MODEL / "model_index.json").is_file(),
-    reason=f"the embedded model is not installed ({EMBEDDED_MODEL} has no model_index.json)",
-)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads run 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [
+    pytest.mark.skipif(
+        not (EMBEDDED_MODEL / "model_index.json").is_file(),
+        reason=f"the embedded model is not installed ({EMBEDDED_MODEL} has no model_index.json)",
+    ),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def test_detection_metric_is_higher_for_memorized_captions():

@@ -9,41 +9,23 @@ from __future__ import annotations
 
 import torch
 
-try:
-    from .. import _C
-except Exception as exc:  # not built (MEMLOC_SKIP_NATIVE=1), or built for another Python/platform
-    _C = None
-    _IMPORT_ERROR = (
-        f"memloc_kernels._C did not import ({type(exc).__name__}: {exc}); build it with "
-        "`python setup.py build_ext --inplace` or reinstall without MEMLOC_SKIP_NATIVE=1"
-    )
-else:
-    _IMPORT_ERROR = ""
+from ._native import _C, IMPORT_FAILURE, checked_ptr, dtype_code
+
+_IMPORT_ERROR = (
+    f"{IMPORT_FAILURE}; build it with `python setup.py build_ext --inplace` or reinstall without MEMLOC_SKIP_NATIVE=1"
+    if IMPORT_FAILURE
+    else ""
+)
 
 _ELEMENT_SIZES = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
 
 
 def _dtype_code(t: torch.Tensor) -> int:
-    codes = {
-        torch.float16: _C.FLOAT16,
-        torch.bfloat16: _C.BFLOAT16,
-        torch.float32: _C.FLOAT32,
-        torch.float64: _C.FLOAT64,
-    }
-    if t.dtype not in codes:
-        raise TypeError(f"the cpu backend has no kernel for {t.dtype}")
-    return codes[t.dtype]
+    return dtype_code("cpu", t)
 
 
 def _ptr(name: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> int:
-    """Address of a tensor's data, after the checks that keep raw-pointer access in bounds."""
-    if t.device.type != "cpu":
-        raise ValueError(f"{name} must be on the CPU for the cpu backend, got {t.device}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous for the cpu backend")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{name} must be {dtype} for the cpu backend, got {t.dtype}")
-    return t.data_ptr()
+    return checked_ptr("cpu", "the CPU", name, t, dtype)
 
 
 def _threads() -> int:

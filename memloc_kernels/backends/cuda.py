@@ -11,40 +11,19 @@ from __future__ import annotations
 import torch
 
 from .. import reference as ref
+from ._native import _C, IMPORT_FAILURE, checked_ptr, dtype_code
 
-try:
-    from .. import _C
-except Exception as exc:  # not built (MEMLOC_SKIP_NATIVE=1), or built for another Python/platform
-    _C = None
-    _IMPORT_ERROR = (
-        f"memloc_kernels._C did not import ({type(exc).__name__}: {exc}); build it with "
-        "`MEMLOC_CUDA=1 python setup.py build_ext --inplace`"
-    )
-else:
-    _IMPORT_ERROR = ""
+_IMPORT_ERROR = (
+    f"{IMPORT_FAILURE}; build it with `MEMLOC_CUDA=1 python setup.py build_ext --inplace`" if IMPORT_FAILURE else ""
+)
 
 
 def _dtype_code(t: torch.Tensor) -> int:
-    codes = {
-        torch.float16: _C.FLOAT16,
-        torch.bfloat16: _C.BFLOAT16,
-        torch.float32: _C.FLOAT32,
-        torch.float64: _C.FLOAT64,
-    }
-    if t.dtype not in codes:
-        raise TypeError(f"the cuda backend has no kernel for {t.dtype}")
-    return codes[t.dtype]
+    return dtype_code("cuda", t)
 
 
 def _ptr(name: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> int:
-    """Address of a tensor's data, after the checks that keep raw-pointer access in bounds."""
-    if t.device.type != "cuda":
-        raise ValueError(f"{name} must be on a CUDA device for the cuda backend, got {t.device}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous for the cuda backend")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{name} must be {dtype} for the cuda backend, got {t.dtype}")
-    return t.data_ptr()
+    return checked_ptr("cuda", "a CUDA device", name, t, dtype)
 
 
 def _launch_args(t: torch.Tensor) -> tuple[int, int]:
@@ -193,10 +172,9 @@ class CudaBackend:
         ends = torch.cumsum(counts, dim=0)
         return ends - counts, int(ends[-1])  # the total syncs: it sizes the removed values
 
-    def apply_mask(self, weight, words):
+    def _apply_mask_launch(self, weight, words, offsets, removed, total: int, restore: bool) -> None:
+        """One ``cuda_apply_mask`` launch: move the selected weights into ``removed`` (or back, ``restore``)."""
         d_out, d_in = weight.shape
-        offsets, total = self._offsets(weight, words)
-        removed = torch.empty(total, dtype=weight.dtype, device=weight.device)
         stream, device = _launch_args(weight)
         _C.cuda_apply_mask(
             _ptr("weight", weight),
@@ -206,14 +184,18 @@ class CudaBackend:
             words.data_ptr(),
             offsets.data_ptr(),
             removed.data_ptr() if total else 0,
-            False,
+            restore,
             stream,
             device,
         )
+
+    def apply_mask(self, weight, words):
+        offsets, total = self._offsets(weight, words)
+        removed = torch.empty(total, dtype=weight.dtype, device=weight.device)
+        self._apply_mask_launch(weight, words, offsets, removed, total, restore=False)
         return removed
 
     def restore(self, weight, words, removed):
-        d_out, d_in = weight.shape
         offsets, total = self._offsets(weight, words)
         if removed.dtype != weight.dtype or removed.device != weight.device:
             raise ValueError(
@@ -221,20 +203,7 @@ class CudaBackend:
             )
         if removed.numel() != total:
             raise ValueError(f"removed holds {removed.numel()} values but the mask selects {total}")
-        removed = removed.contiguous()
-        stream, device = _launch_args(weight)
-        _C.cuda_apply_mask(
-            _ptr("weight", weight),
-            _dtype_code(weight),
-            d_out,
-            d_in,
-            words.data_ptr(),
-            offsets.data_ptr(),
-            removed.data_ptr() if total else 0,
-            True,
-            stream,
-            device,
-        )
+        self._apply_mask_launch(weight, words, offsets, removed.contiguous(), total, restore=True)
 
     def mask_popcount(self, words):
         n, w = words.shape

@@ -19,19 +19,9 @@ import torch
 
 import memloc_kernels as mk
 
-from .ffn import check_identity, find_ffn_layers, identity
 from .io import atomic_dir
-from .localize import (
-    SubsetStatistics,
-    check_sparsity,
-    check_tau,
-    model_for_stats,
-    null_mode,
-    resolve_subsets,
-    subset_masks,
-)
-from .pipeline import load_denoiser, resolve_device
-from .stats import check_output_dir, load_stats, read_stats_metadata
+from .localize import SubsetStatistics, load_checked_denoiser, read_options, resolve_subsets, subset_masks
+from .stats import check_output_dir, load_stats
 
 COLUMNS = ("timestep_index", "timestep", "layer_index", "layer", "density_mean", "density_std", "iou_mean", "subsets")
 
@@ -73,10 +63,7 @@ def analyze(
     """
     from tqdm.auto import tqdm
 
-    sparsity = check_sparsity(sparsity)
-    meta = read_stats_metadata(stats)
-    tau = check_tau(timesteps, meta)
-    null = null_mode(null, meta)
+    sparsity, meta, tau, null = read_options(stats, sparsity, timesteps, null)
     out = check_output_dir(out)
     chosen = resolve_subsets(
         meta["prompts"],
@@ -86,13 +73,7 @@ def analyze(
         subset_size=subset_size,
         seed=seed,
     )
-    if denoiser is None:
-        dev = resolve_device(device)
-        denoiser, source = load_denoiser(model_for_stats(model, meta), dev, dtype or meta.get("dtype"))
-    else:
-        dev, source = next(denoiser.parameters()).device, meta["model"].get("source")
-    layers = find_ffn_layers(denoiser)
-    check_identity(meta["model"], identity(denoiser, layers, source), f"statistics file {stats}")
+    dev, layers, _ = load_checked_denoiser(stats, meta, model, device, dtype, denoiser)
     weights = [layer.weight.detach() for layer in layers]
     subset_stats = SubsetStatistics(load_stats(stats, device=dev), tau, null, dev)
     rows = []

@@ -29,7 +29,7 @@ import memloc_kernels as mk
 
 from . import __version__
 from .errors import MemlocError
-from .ffn import check_identity, find_ffn_layers, identity
+from .ffn import FFNLayer, check_identity, find_ffn_layers, identity
 from .io import atomic_path
 from .pipeline import is_hub_id, load_denoiser, resolve_device
 from .prompts import read_prompts
@@ -306,6 +306,35 @@ def read_mask_file(path: str | os.PathLike, device: str | torch.device = "cpu") 
     return MaskFile(path, meta, masks)
 
 
+def read_options(
+    stats: str | os.PathLike, sparsity, timesteps: int | None, null: str | None
+) -> tuple[float, dict, int, str]:
+    """The checked sparsity, the statistics file's metadata, tau and the null mode."""
+    sparsity = check_sparsity(sparsity)
+    meta = read_stats_metadata(stats)
+    return sparsity, meta, check_tau(timesteps, meta), null_mode(null, meta)
+
+
+def load_checked_denoiser(
+    stats: str | os.PathLike,
+    meta: dict,
+    model: str | os.PathLike | None,
+    device: str | None,
+    dtype: str | None,
+    denoiser: torch.nn.Module | None,
+) -> tuple[torch.device, list[FFNLayer], dict]:
+    """Device, FFN layers and identity of ``denoiser`` (default: loaded from ``model``), checked against ``meta``."""
+    if denoiser is None:
+        dev = resolve_device(device)
+        denoiser, source = load_denoiser(model_for_stats(model, meta), dev, dtype or meta.get("dtype"))
+    else:
+        dev, source = next(denoiser.parameters()).device, meta["model"].get("source")
+    layers = find_ffn_layers(denoiser)
+    model_id = identity(denoiser, layers, source)
+    check_identity(meta["model"], model_id, f"statistics file {stats}")
+    return dev, layers, model_id
+
+
 def model_for_stats(model, meta: dict) -> str | None:
     """The model to localize with: the given one, else the one the statistics were collected on."""
     if model is not None:
@@ -343,10 +372,7 @@ def localize(
     the model the statistics were collected on), which must be that model; ``denoiser`` passes an
     already loaded UNet/transformer instead.
     """
-    sparsity = check_sparsity(sparsity)
-    meta = read_stats_metadata(stats)
-    tau = check_tau(timesteps, meta)
-    null = null_mode(null, meta)
+    sparsity, meta, tau, null = read_options(stats, sparsity, timesteps, null)
     out = check_output(out)
     chosen = resolve_subsets(
         meta["prompts"],
@@ -356,14 +382,7 @@ def localize(
         subset_size=subset_size,
         seed=seed,
     )
-    if denoiser is None:
-        dev = resolve_device(device)
-        denoiser, source = load_denoiser(model_for_stats(model, meta), dev, dtype or meta.get("dtype"))
-    else:
-        dev, source = next(denoiser.parameters()).device, meta["model"].get("source")
-    layers = find_ffn_layers(denoiser)
-    model_id = identity(denoiser, layers, source)
-    check_identity(meta["model"], model_id, f"statistics file {stats}")
+    dev, layers, model_id = load_checked_denoiser(stats, meta, model, device, dtype, denoiser)
     loaded = load_stats(stats, device=dev, names=needed_tensors(meta, null))
     subset_stats = SubsetStatistics(loaded, tau, null, dev)
     del loaded

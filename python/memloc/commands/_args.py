@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import re
 
+from ..cli import add_common_args
+
 
 def resolution(text: str) -> int | tuple[int, int]:
     """``512`` (square) or ``HEIGHTxWIDTH``."""
@@ -36,3 +38,29 @@ def add_localize_args(parser: argparse.ArgumentParser) -> None:
                         help="use the first TAU+1 timesteps (default: all that were collected)")
     parser.add_argument("--null", choices=("uncond", "empty"), default=None,
                         help="null statistics: the unconditional branch (default) or the empty-prompt run")
+
+
+def add_subset_mask_args(parser: argparse.ArgumentParser, out_help: str) -> None:
+    """The inputs of ``localize`` and ``analyze``: model options, --stats, --out and the masks' options."""
+    add_common_args(parser)
+    parser.add_argument("--stats", required=True, help="statistics file from memloc collect")
+    parser.add_argument("--out", required=True, help=out_help)
+    add_localize_args(parser)
+    add_subset_args(parser)
+
+
+def subset_mask_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments of ``memloc.localize.localize`` and ``memloc.analyze.analyze`` from parsed flags."""
+    return {
+        "sparsity": args.sparsity,
+        "timesteps": args.timesteps,
+        "subset_files": args.subset,
+        "n_subsets": args.subsets,
+        "subset_size": args.subset_size,
+        "seed": args.seed,
+        "null": args.null,
+        "model": args.model,
+        "device": args.device,
+        "dtype": args.dtype,
+        "backend": args.backend,
+    }

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..analyze import analyze
-from ..cli import add_common_args
-from ._args import add_localize_args, add_subset_args
+from ._args import add_subset_mask_args, subset_mask_options
 
 
 def add_parser(subparsers) -> None:
@@ -20,29 +19,11 @@ def add_parser(subparsers) -> None:
             "union_by_layer.png."
         ),
     )
-    add_common_args(parser)
-    parser.add_argument("--stats", required=True, help="statistics file from memloc collect")
-    parser.add_argument("--out", required=True, help="output folder")
-    add_localize_args(parser)
-    add_subset_args(parser)
+    add_subset_mask_args(parser, out_help="output folder")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    path = analyze(
-        args.stats,
-        args.out,
-        sparsity=args.sparsity,
-        timesteps=args.timesteps,
-        subset_files=args.subset,
-        n_subsets=args.subsets,
-        subset_size=args.subset_size,
-        seed=args.seed,
-        null=args.null,
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        backend=args.backend,
-    )
+    path = analyze(args.stats, args.out, **subset_mask_options(args))
     print(f"wrote {path}")
     return 0

@@ -62,7 +62,7 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from ..eval.attack import PROMPT_COLUMNS, AttackConfig, attack_pipeline, csv_row
-    from ..eval.loading import default_prompts, default_training, load_pipeline, resolve_device, resolve_dtype
+    from ..eval.loading import default_prompts, default_training, load_pipeline
     from ..eval.masks import apply_mask_file, driver_apply
     from ..eval.report import (
         TABLE1_COLUMNS,
@@ -74,6 +74,7 @@ def run(args) -> int:
         write_text,
     )
     from ..eval.tiled_l2 import threshold_from_tile_l2
+    from ..pipeline import resolve_device, resolve_dtype
 
     try:
         config = AttackConfig(

@@ -118,14 +118,13 @@ def run(args) -> int:
         default_training,
         load_pipeline,
         read_prompts,
-        resolve_device,
-        resolve_dtype,
     )
     from ..eval.masks import apply_mask_file, driver_apply
     from ..eval.mitigation import default_target_loss
     from ..eval.quality import AttributeChecker, ClipScorer, InceptionFeatures
     from ..eval.report import markdown_table, write_csv, write_json, write_text
     from ..eval.sscd import SSCD
+    from ..pipeline import resolve_device, resolve_dtype
 
     methods = _methods(args.methods, bool(args.mask or args.pruned_model))
     for name in ("samples", "quality_samples", "steps", "batch_size", "tile_grid", "mitigation_samples"):

@@ -1,94 +1,34 @@
-"""Inputs of the evaluation: pipeline folders, prompt files, image folders, device and dtype."""
+"""Inputs of the evaluation: pipeline folders, prompt files, image folders."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .. import pipeline
 from ..errors import MemlocError
 
 #: Where the embedded memorizing model lives (``--model`` default).
-EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "assets" / "model"
+EMBEDDED_MODEL = pipeline.DEFAULT_MODEL
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PROMPT_KEYS = ("caption", "prompt", "text")
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """``--device``: the named device, or CUDA when available, else the CPU."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise MemlocError(f"unknown --device {name!r}; use e.g. cuda, cuda:1 or cpu") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MemlocError(f"--device {name} asked for, but this torch has no CUDA device")
-    return device
-
-
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """``--dtype``: the named dtype, or float16 on CUDA and float32 on the CPU."""
-    if name is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
-
-
 def load_pipeline(path: str | Path | None, *, device: torch.device, dtype: torch.dtype):
-    """A diffusers pipeline from a local folder (``from_pretrained(local_files_only=True)``) on ``device``.
+    """A diffusers pipeline from a local folder on ``device``, through :func:`memloc.pipeline.load_pipeline`.
 
-    ``path=None`` means the embedded memorizing model.
+    ``path=None`` means the embedded memorizing model. Local folders only: a missing path is an
+    error here, never a hub id to look up.
     """
     folder = EMBEDDED_MODEL if path is None else Path(path)
     if not folder.is_dir():
         if path is None:
             raise MemlocError(f"no --model given and the embedded model is not installed ({folder} is missing)")
         raise MemlocError(f"model folder {folder} does not exist")
-    index_file = folder / "model_index.json"
-    if not index_file.is_file():
-        raise MemlocError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
-    try:
-        index = json.loads(index_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MemlocError(f"cannot read {index_file}: {exc}") from None
-    from diffusers import DiffusionPipeline
-
-    kwargs = {}
-    if "safety_checker" in index:
-        # evaluation must see the raw generations; the checker would also need its own model
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
-    try:
-        with _quiet():
-            pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype, **kwargs)
-    except (OSError, ValueError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MemlocError(f"cannot load the pipeline in {folder}: {first}") from None
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@contextlib.contextmanager
-def _quiet():
-    """No loading progress bars or info logs from diffusers/transformers (our own bar follows)."""
-    import diffusers
-    import transformers
-
-    levels = diffusers.logging.get_verbosity(), transformers.logging.get_verbosity()
-    diffusers.logging.set_verbosity_error()
-    transformers.logging.set_verbosity_error()
-    diffusers.logging.disable_progress_bar()
-    transformers.logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        diffusers.logging.set_verbosity(levels[0])
-        transformers.logging.set_verbosity(levels[1])
-        diffusers.logging.enable_progress_bar()
-        transformers.logging.enable_progress_bar()
+    return pipeline.load_pipeline(folder, device, dtype)
 
 
 def read_prompts(path: str | Path) -> list[str]:
