@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from . import _config
-from .sumsq import finish
+from .sumsq import finish, split_rows
 
 
 @triton.jit
@@ -95,10 +95,7 @@ def geglu_sumsq_triton(proj_out: torch.Tensor, acc: torch.Tensor, group_size: in
     act = torch.nn.functional.gelu(proj_out[:, d:])
     h = torch.empty(rows, d, dtype=proj_out.dtype, device=proj_out.device)
     cfg = _config.stats_config(rows, d, groups, proj_out.device)
-    rows_per_split = -(-group_size // cfg.split)
-    rows_per_split = -(-rows_per_split // cfg.block_m) * cfg.block_m
-    split = -(-group_size // rows_per_split)
-    part = None if split == 1 else torch.empty(groups * split, d, dtype=acc.dtype, device=proj_out.device)
+    rows_per_split, split, part = split_rows(group_size, groups, d, acc, cfg)
     grid = (groups * split, triton.cdiv(d, cfg.block_n))
     _geglu_sumsq_kernel[grid](proj_out, act.contiguous(), h, acc, part if part is not None else acc, d, group_size,
                               rows_per_split, split, BM=cfg.block_m, BN=cfg.block_n, DIRECT=part is None,

@@ -62,6 +62,19 @@ def finish(acc: torch.Tensor, part: torch.Tensor | None, block_n: int) -> None:
     _sumsq_finish_kernel[(groups, triton.cdiv(d, block_n))](acc, part, d, part.shape[0] // groups, BN=block_n)
 
 
+def split_rows(group_size: int, groups: int, d: int, acc: torch.Tensor, cfg) -> tuple:
+    """How a group's rows are split over programs: ``(rows_per_split, split, part)``.
+
+    ``rows_per_split`` is a multiple of the row block; ``part`` is the ``[groups * split, d]``
+    buffer of partial sums for :func:`finish`, or None when one program covers a whole group.
+    """
+    rows_per_split = -(-group_size // cfg.split)
+    rows_per_split = -(-rows_per_split // cfg.block_m) * cfg.block_m
+    split = -(-group_size // rows_per_split)
+    part = None if split == 1 else torch.empty(groups * split, d, dtype=acc.dtype, device=acc.device)
+    return rows_per_split, split, part
+
+
 def accumulate_sumsq_triton(h: torch.Tensor, acc: torch.Tensor, group_size: int) -> None:
     """``acc[g, j] += sum_{rows r of group g} h[r, j]**2`` (canonical backend signature).
 
@@ -77,10 +90,7 @@ def accumulate_sumsq_triton(h: torch.Tensor, acc: torch.Tensor, group_size: int)
     rows, d = h.shape
     groups = acc.shape[0]
     cfg = _config.stats_config(rows, d, groups, h.device)
-    rows_per_split = -(-group_size // cfg.split)
-    rows_per_split = -(-rows_per_split // cfg.block_m) * cfg.block_m
-    split = -(-group_size // rows_per_split)
-    part = None if split == 1 else torch.empty(groups * split, d, dtype=acc.dtype, device=h.device)
+    rows_per_split, split, part = split_rows(group_size, groups, d, acc, cfg)
     grid = (groups * split, triton.cdiv(d, cfg.block_n))
     _sumsq_kernel[grid](h, acc, part if part is not None else acc, d, group_size, rows_per_split, split,
                         BM=cfg.block_m, BN=cfg.block_n, DIRECT=part is None, num_warps=cfg.num_warps)
