@@ -76,7 +76,7 @@ class MaskConfig:
 
 # Fields a benchmark or a user may force (``mask_overrides(chunk=4)``).
 _MASK_OVERRIDES: dict[str, object] = {}
-_MASK_FIELDS = ("num_warps", "vec", "cand", "chunk", "dense", "progs_per_sm", "fallback", "maxnreg")
+_MASK_FIELDS = ("num_warps", "vec", "cand", "chunk", "dense", "progs_per_sm", "fallback", "maxnreg", "kernel")
 
 # The defaults of the two variant switches, from benchmarks/bench_mask_variants.py on an H200
 # (2026-11-29, Triton 3.6; docs/TRITON_MASK_NOTES.md): SD1.5 single / batched per vector:
@@ -93,6 +93,8 @@ def mask_overrides(**fields: object) -> Iterator[None]:
         raise ValueError(f"unknown MaskConfig fields: {sorted(unknown)} (allowed: {', '.join(_MASK_FIELDS)})")
     if fields.get("fallback", "inline") not in ("inline", "deferred"):
         raise ValueError(f"fallback must be 'inline' or 'deferred', got {fields['fallback']!r}")
+    if fields.get("kernel", "stream") not in ("stream", "tile"):
+        raise ValueError(f"kernel must be 'stream' or 'tile', got {fields['kernel']!r}")
     saved = dict(_MASK_OVERRIDES)
     _MASK_OVERRIDES.update(fields)
     try:
@@ -105,6 +107,43 @@ def mask_overrides(**fields: object) -> Iterator[None]:
 def mask_forced(field: str) -> bool:
     """Whether ``field`` is currently forced by :func:`mask_overrides`."""
     return field in _MASK_OVERRIDES
+
+
+# Which memorized_mask kernel runs: "stream" (mask_stream.py: small programs streaming each row)
+# or "tile" (mask.py: a row per program held in registers). Forced with mask_overrides(kernel=...).
+MASK_KERNEL = "stream"
+
+# Fields of mask_stream.StreamConfig that a benchmark may force (``stream_overrides(rows=2)``).
+_STREAM_OVERRIDES: dict[str, object] = {}
+_STREAM_FIELDS = ("rows", "vectors", "chunk", "cap", "bound_steps", "num_warps", "span", "progs_per_sm")
+
+
+@contextlib.contextmanager
+def stream_overrides(**fields: object) -> Iterator[None]:
+    """Temporarily force fields of ``mask_stream.StreamConfig`` (tuning sweeps, tests)."""
+    unknown = set(fields) - set(_STREAM_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown StreamConfig fields: {sorted(unknown)} (allowed: {', '.join(_STREAM_FIELDS)})")
+    saved = dict(_STREAM_OVERRIDES)
+    _STREAM_OVERRIDES.update(fields)
+    try:
+        yield
+    finally:
+        _STREAM_OVERRIDES.clear()
+        _STREAM_OVERRIDES.update(saved)
+
+
+def stream_forced() -> dict[str, object]:
+    """The StreamConfig fields currently forced by :func:`stream_overrides`."""
+    return dict(_STREAM_OVERRIDES)
+
+
+def mask_kernel() -> str:
+    """The memorized_mask kernel to use now: ``"stream"`` or ``"tile"`` (forcing any tile-kernel
+    field of :class:`MaskConfig` selects the tile kernel, so its sweeps and tests reach it)."""
+    if "kernel" in _MASK_OVERRIDES:
+        return str(_MASK_OVERRIDES["kernel"])
+    return "tile" if _MASK_OVERRIDES else MASK_KERNEL
 
 
 # Row elements per thread (for each held array); registers bound how many rows an SM holds.
@@ -153,7 +192,7 @@ def mask_config(d_in: int, k: int, vectors: int) -> MaskConfig:
     chunk = 1 if vectors <= 1 else min(8, pow2_ceil(vectors))
     cfg = MaskConfig(num_warps, pa, pb, vec, sa, cand, chunk, dense, progs_per_sm=4, fallback=MASK_FALLBACK,
                      maxnreg=MASK_MAXNREG)
-    extra = {f: v for f, v in _MASK_OVERRIDES.items() if f not in ("num_warps", "vec")}
+    extra = {f: v for f, v in _MASK_OVERRIDES.items() if f not in ("num_warps", "vec", "kernel")}
     if extra:
         cfg = dataclasses.replace(cfg, **extra)
         if cfg.chunk > 1 and vectors <= 1:

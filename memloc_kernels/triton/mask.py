@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ..reference import feature_norms
-from . import _config
+from . import _config, mask_stream
 
 # How a program finds a row's k-th largest score without writing the score matrix to memory.
 # The row lives in registers as a tile [R, NT, VEC]: column (r * NT + t) * VEC + j sits in thread
@@ -435,6 +435,16 @@ def memorized_mask_multi_triton(weights: Sequence, sumsqs: Sequence, null_sumsqs
     for x in flat:
         starts.append(pos)
         pos += x.numel()
+    if _config.mask_kernel() == "stream" and mask_stream.stream_eligible([lay.k for lay in layers]):
+        # one launch per (W dtype, S, T): every width in the same kernel
+        streams: dict[tuple, list[int]] = defaultdict(list)
+        for i, lay in enumerate(layers):
+            streams[(lay.weight.dtype, *lay.sumsq.shape[:2])].append(i)
+        for (_, s, t), idx in streams.items():
+            mask_stream.launch_stream([layers[i].weight for i in idx], roots, [starts[2 * i] for i in idx],
+                                      [starts[2 * i + 1] for i in idx], [layers[i].k for i in idx],
+                                      [layers[i].out for i in idx], s * t, t)
+        return
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, lay in enumerate(layers):
         s, t, d_in = lay.sumsq.shape

@@ -1,0 +1,174 @@
+"""Sweep the streaming memorized_mask kernel's settings against the tile kernel and CUDA (SD1.5, SDXL).
+
+Run from the repository root on a CUDA machine:  python benchmarks/bench_mask_stream.py
+Every setting is checked against the reference first (single vector: all layers; batched: the first
+2 subsets), then timed: one (subset, timestep) inside a CUDA graph, and a 100 x 10 batch per vector.
+Also counts the problems that took the slow exact path and the programs per SM that the compiled
+kernel's registers allow. Writes $OUT/mask_stream.csv when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "python")]
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _meta import git_commit, gpu_name  # noqa: E402
+
+SD15 = [(320, 1280)] * 5 + [(640, 2560)] * 5 + [(1280, 5120)] * 6
+SDXL = [(640, 2560)] * 4 + [(1280, 5120)] * 60 + [(640, 2560)] * 6
+SPARSITY = 0.01
+# (name, kernel, stream overrides) for the single-vector and the batched measurements
+SINGLE = [
+    ("tile (previous default)", "tile", {}),
+    ("stream r1 w1 ch256", "stream", {"rows": 1, "num_warps": 1, "chunk": 256}),
+    ("stream r1 w1 ch128", "stream", {"rows": 1, "num_warps": 1, "chunk": 128}),
+    ("stream r2 w1 ch256", "stream", {"rows": 2, "num_warps": 1, "chunk": 256}),
+    ("stream r1 w2 ch256", "stream", {"rows": 1, "num_warps": 2, "chunk": 256}),
+    ("stream r2 w2 ch256", "stream", {"rows": 2, "num_warps": 2, "chunk": 256}),
+    ("stream r1 w2 ch512", "stream", {"rows": 1, "num_warps": 2, "chunk": 512}),
+    ("stream r1 w1 ch256 b6", "stream", {"rows": 1, "num_warps": 1, "chunk": 256, "bound_steps": 6}),
+    ("stream r1 w4 ch512", "stream", {"rows": 1, "num_warps": 4, "chunk": 512}),
+]
+BATCHED = [
+    ("tile (previous default)", "tile", {}),
+    ("stream r2 v2 w1", "stream", {"rows": 2, "vectors": 2, "num_warps": 1}),
+    ("stream r1 v1 w1", "stream", {"rows": 1, "vectors": 1, "num_warps": 1}),
+    ("stream r4 v1 w1", "stream", {"rows": 4, "vectors": 1, "num_warps": 1}),
+    ("stream r1 v4 w1", "stream", {"rows": 1, "vectors": 4, "num_warps": 1}),
+    ("stream r2 v4 w2", "stream", {"rows": 2, "vectors": 4, "num_warps": 2}),
+    ("stream r4 v2 w2", "stream", {"rows": 4, "vectors": 2, "num_warps": 2}),
+    ("stream r4 v4 w4", "stream", {"rows": 4, "vectors": 4, "num_warps": 4}),
+    ("stream r2 v2 w2 ch128", "stream", {"rows": 2, "vectors": 2, "num_warps": 2, "chunk": 128}),
+]
+
+
+def layer_stats(shapes, lead, seed=0, heavy=False):
+    """Random FFN2 weights and log-normal statistics (bench_gpu_ops.py's data). ``heavy``: a few
+    columns with 100x larger statistics in every vector, as real activations have."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    weights, sumsqs, nulls = [], [], []
+    for d_out, d_in in shapes:
+        weights.append(torch.randn(d_out, d_in, device="cuda", dtype=torch.float16, generator=g) * 0.02)
+        s = torch.exp(torch.randn(*lead, d_in, device="cuda", generator=g) * 1.5) * 1e3
+        n = torch.exp(torch.randn(d_in, device="cuda", generator=g) * 1.5) * 1e3
+        if heavy:
+            cols = torch.randperm(d_in, device="cuda", generator=g)[: max(1, d_in // 200)]
+            s[..., cols] *= 100.0
+            n[cols] *= 100.0
+        sumsqs.append(s)
+        nulls.append(n)
+    return weights, sumsqs, nulls
+
+
+def outs_for(mk, weights, lead):
+    return [mk.PackedMask(torch.zeros(*lead[:1], w.shape[0], mk.n_words(w.shape[1]), dtype=torch.int32,
+                                      device="cuda"), w.shape[1]) for w in weights]
+
+
+def mismatches(mk, data, subsets, backend="triton") -> int:
+    from memloc_kernels import reference as ref
+
+    weights, sumsqs, nulls = data
+    part = [s if subsets is None else s[:subsets] for s in sumsqs]
+    got = mk.memorized_masks(weights, part, nulls, SPARSITY, check_finite=False, backend=backend)
+    return sum(int((mk.unpack_mask(g) != ref.memorized_mask(w, s, n, SPARSITY)).sum())
+               for g, w, s, n in zip(got, weights, part, nulls))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="first three settings of each list only")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to benchmark")
+        return 1
+    import datetime
+
+    import triton
+    import triton.testing as tt
+
+    import memloc_kernels as mk
+    from memloc_kernels.triton import _config, mask_stream
+
+    info = {"gpu": gpu_name(), "date": datetime.date.today().isoformat(), "commit": git_commit(),
+            "triton": triton.__version__, "torch": torch.__version__}
+    print(f"{info['gpu']}  torch {torch.__version__}  triton {info['triton']}  commit {info['commit']}", flush=True)
+    q = [0.5, 0.2, 0.8]
+    counter = mask_stream.slow_path_counter(torch.device("cuda"))
+    rows = []
+
+    def run(case, name, kernel, over, data, lead, graph, per):
+        counter.zero_()
+        with _config.mask_overrides(kernel=kernel), _config.stream_overrides(**over):
+            before = set(mask_stream._OCCUPANCY)
+            bad = mismatches(mk, data, None if not lead else 2)
+            occ = [v for key, v in mask_stream._OCCUPANCY.items() if key not in before]
+            outs = outs_for(mk, data[0], lead)
+            fn = functools.partial(mk.memorized_masks, *data, SPARSITY, outs=outs, check_finite=False,
+                                   backend="triton")
+            fn()
+            torch.cuda.synchronize()
+            slow = int(counter.item())
+            t = tt.do_bench_cudagraph(fn, rep=100, quantiles=q) if graph else tt.do_bench(fn, warmup=1, rep=300,
+                                                                                           quantiles=q)
+        t = [x * 1e3 / per for x in t]
+        row = {"case": case, "setting": name, "median_us": round(t[0], 2), "p20_us": round(t[1], 2),
+               "p80_us": round(t[2], 2), "mismatches": bad, "slow_path_problems": slow,
+               "programs_per_sm": occ[0] if occ else "", **info}
+        rows.append(row)
+        print(f"  {case:<18} {name:<26} {t[0]:9.1f} us  (p20 {t[1]:.1f}, p80 {t[2]:.1f})  bad {bad}  "
+              f"slow {slow}  programs/SM {row['programs_per_sm']}", flush=True)
+
+    single_list = SINGLE[:3] if args.quick else SINGLE
+    batched_list = BATCHED[:3] if args.quick else BATCHED
+    sd1 = layer_stats(SD15, ())
+    for name, kernel, over in single_list:
+        run("sd15 x1", name, kernel, over, sd1, (), True, 1)
+    heavy = layer_stats(SD15, (), seed=3, heavy=True)
+    for name, kernel, over in single_list[:2]:
+        run("sd15 x1 heavy", name, kernel, over, heavy, (), True, 1)
+    xl = layer_stats(SDXL, ())
+    for name, kernel, over in single_list[:2]:
+        run("sdxl x1", name, kernel, over, xl, (), True, 1)
+    del xl
+    sdb = layer_stats(SD15, (100, 10), seed=1)
+    for name, kernel, over in batched_list:
+        run("sd15 100x10", name, kernel, over, sdb, (100, 10), False, 1000)
+    # CUDA backend in the same run, for comparison
+    if "cuda" in mk.available_backends():
+        for case, data, lead, graph, per in (("sd15 x1", sd1, (), True, 1), ("sd15 100x10", sdb, (100, 10), False,
+                                                                                 1000)):
+            outs = outs_for(mk, data[0], lead)
+            fn = functools.partial(mk.memorized_masks, *data, SPARSITY, outs=outs, check_finite=False, backend="cuda")
+            t = tt.do_bench_cudagraph(fn, rep=100, quantiles=q) if graph else tt.do_bench(fn, warmup=1, rep=300,
+                                                                                           quantiles=q)
+            t = [x * 1e3 / per for x in t]
+            rows.append({"case": case, "setting": "cuda backend", "median_us": round(t[0], 2),
+                         "p20_us": round(t[1], 2), "p80_us": round(t[2], 2), "mismatches": "",
+                         "slow_path_problems": "", "programs_per_sm": "", **info})
+            print(f"  {case:<18} {'cuda backend':<26} {t[0]:9.1f} us", flush=True)
+    if os.environ.get("OUT"):
+        from memloc.io import atomic_path
+
+        path = Path(os.environ["OUT"]) / "mask_stream.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {path}")
+    return 1 if any(r["mismatches"] for r in rows if r["mismatches"] != "") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

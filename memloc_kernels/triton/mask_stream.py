@@ -1,0 +1,342 @@
+"""memorized_mask, streaming variant: small programs stream each row twice, exact top-k from a short list.
+
+Why a second kernel: the tile kernel (``mask.py``) holds a whole row in registers, so an SM holds
+only 8-12 warps and each row is a long chain of block barriers (docs/TRITON_MASK_NOTES.md). Here a
+program is one or two warps and never holds a row: it streams the row in chunks of ``CH`` columns,
+so it needs few registers, many programs share an SM, and every reduction is within a warp or two.
+
+Per work item (``R`` rows of one layer x ``V`` statistics vectors = ``M`` selection problems):
+  1. pass 1: scores ``|W| * norm`` chunk by chunk; ``gmax[m, j]`` = the largest score among columns
+     ``j, j + CH, j + 2 CH, ...`` (``CH`` strided groups, at least k of them hold a real column);
+  2. bound: a few bisection steps on the float bits of ``gmax`` give ``lo`` with at least k group
+     maxima >= lo, hence at least k scores >= lo (each group maximum is a distinct score); scores
+     are >= 0, so their int32 bit patterns order like the floats;
+  3. pass 2: the same scores again (same operations: bit-identical), and every score >= lo is
+     appended, as ``(bits << 32) | column``, to a per-program list of ``CAP`` slots: the slot is a
+     running count plus a cumsum within the chunk, so the list is in column order;
+  4. exact selection on the list: bisection on the bits until exactly k are >= the lower end, or
+     until the lower end is the k-th largest value; equal values at the k-th place are taken in
+     list order, i.e. lower column first (the reference's tie rule);
+  5. the null comparison for the selected entries only (gathering |W| and the null norm, computed
+     exactly as the reference does), and their bits OR-ed into the packed words with ``atomic_or``
+     (order-free, so deterministic; the union over timesteps needs no state).
+A problem whose list overflows (more than ``CAP`` scores >= lo: many equal scores, e.g. a zero
+row) takes an exact streaming path in the same program: bisection over the whole row, one pass
+per step (slow, rare, few registers), counted in ``stats[0]`` so benchmarks can report it.
+Every layer of a launch shares one kernel: d_in, k and the offsets come from small tables, and
+work items are ordered widest rows first so that the persistent grid ends evenly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _config
+
+
+@triton.jit
+def _scores(w_rows, n_rows, c, d_in, row_ok, vec_ok, EVEN: tl.constexpr, R: tl.constexpr, V: tl.constexpr,
+            CH: tl.constexpr):
+    """Scores of columns ``c`` ``[CH]`` for R rows x V vectors as ``[V * R, CH]`` (padding: -1)."""
+    if EVEN:
+        w = tl.load(w_rows + c[None, :], mask=row_ok[:, None], other=0.0)
+        n = tl.load(n_rows + c[None, :], mask=vec_ok[:, None], other=0.0)
+    else:
+        cm = c < d_in
+        w = tl.load(w_rows + c[None, :], mask=row_ok[:, None] & cm[None, :], other=0.0)
+        n = tl.load(n_rows + c[None, :], mask=vec_ok[:, None] & cm[None, :], other=0.0)
+    s = tl.abs(w.to(tl.float32))[None, :, :] * n[:, None, :]  # [V, R, CH]
+    s = tl.reshape(s, [V * R, CH])
+    if not EVEN:
+        s = tl.where((c < d_in)[None, :], s, -1.0)
+    return s
+
+
+@triton.jit
+def _stream_exact(w_row, n_row, z_row, out_row, d_in, k, CH: tl.constexpr):
+    """Exact top-k + null test + OR for one (row, vector), streaming the row once per step."""
+    cols = tl.arange(0, CH)
+    # invariant: count(bits >= lo) >= k (every real score is >= 0), count(bits >= hi) < k
+    top = -1
+    for c0 in range(0, d_in, CH):
+        c = c0 + cols
+        s = tl.abs(tl.load(w_row + c, mask=c < d_in, other=0.0).to(tl.float32)) * tl.load(n_row + c, mask=c < d_in,
+                                                                                           other=0.0)
+        top = tl.maximum(top, tl.max(tl.where(c < d_in, s.to(tl.int32, bitcast=True), -1), axis=0))
+    lo = 0
+    hi = top + 1
+    while hi - lo > 1:
+        mid = lo + (hi - lo) // 2
+        cnt = 0
+        for c0 in range(0, d_in, CH):
+            c = c0 + cols
+            s = tl.abs(tl.load(w_row + c, mask=c < d_in, other=0.0).to(tl.float32)) * tl.load(
+                n_row + c, mask=c < d_in, other=0.0)
+            b = tl.where(c < d_in, s.to(tl.int32, bitcast=True), -1)
+            cnt += tl.sum((b >= mid).to(tl.int32), axis=0)
+        if cnt >= k:
+            lo = mid
+        else:
+            hi = mid
+    gt = 0
+    for c0 in range(0, d_in, CH):
+        c = c0 + cols
+        s = tl.abs(tl.load(w_row + c, mask=c < d_in, other=0.0).to(tl.float32)) * tl.load(n_row + c, mask=c < d_in,
+                                                                                           other=0.0)
+        b = tl.where(c < d_in, s.to(tl.int32, bitcast=True), -1)
+        gt += tl.sum((b > lo).to(tl.int32), axis=0)
+    need = k - gt  # equal scores at the k-th place taken lowest column first
+    seen = 0
+    for c0 in range(0, d_in, CH):
+        c = c0 + cols
+        cm = c < d_in
+        aw = tl.abs(tl.load(w_row + c, mask=cm, other=0.0).to(tl.float32))
+        s = aw * tl.load(n_row + c, mask=cm, other=0.0)
+        b = tl.where(cm, s.to(tl.int32, bitcast=True), -1)
+        eq = b == lo
+        rank = seen + tl.cumsum(eq.to(tl.int32), axis=0)
+        seen += tl.sum(eq.to(tl.int32), axis=0)
+        z = tl.load(z_row + c, mask=cm, other=0.0)
+        sel = ((b > lo) | (eq & (rank <= need))) & (s > aw * z) & cm
+        tl.atomic_or(out_row + (c >> 5), 1 << (c & 31), mask=sel, sem="relaxed")
+
+
+@triton.jit
+def _stream_mask_kernel(
+    w_ptr, n_ptr, z_ptr, out_ptr, scr_ptr, stats_ptr,
+    item_layer_ptr, item_row_ptr, item_vec_ptr,
+    lay_w_ptr, lay_n_ptr, lay_z_ptr, lay_o_ptr, lay_dout_ptr, lay_din_ptr, lay_k_ptr,
+    n_items, n_vec, n_t, vec_span,
+    R: tl.constexpr, V: tl.constexpr, CH: tl.constexpr, CAP: tl.constexpr, BOUND_STEPS: tl.constexpr,
+    EVEN: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    """Persistent grid over work items (R rows x a span of vectors); see the module docstring."""
+    M: tl.constexpr = V * R
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    cols = tl.arange(0, CH)
+    rr = tl.arange(0, R)
+    mm = tl.arange(0, M)
+    m_row = mm % R
+    m_vec = mm // R
+    slots = tl.arange(0, CAP)
+    scr = scr_ptr + pid.to(tl.int64) * (M * CAP) + mm[:, None].to(tl.int64) * CAP  # [M, 1]
+    for item in range(pid, n_items, nprog):
+        layer = tl.load(item_layer_ptr + item)
+        row0 = tl.load(item_row_ptr + item)
+        vfirst = tl.load(item_vec_ptr + item)
+        vend = tl.minimum(vfirst + vec_span, n_vec)
+        d_in = tl.load(lay_din_ptr + layer)
+        d_out = tl.load(lay_dout_ptr + layer)
+        k = tl.load(lay_k_ptr + layer)
+        w_off = tl.load(lay_w_ptr + layer)
+        n_off = tl.load(lay_n_ptr + layer)
+        z_off = tl.load(lay_z_ptr + layer)
+        o_off = tl.load(lay_o_ptr + layer)
+        if ALIGNED:  # checked by the launcher: every offset and d_in a multiple of 16 elements
+            w_off = tl.multiple_of(w_off, 16)
+            n_off = tl.multiple_of(n_off, 16)
+            d_in = tl.multiple_of(d_in, 16)
+        n_words = (d_in + 31) // 32
+        rows = row0 + rr
+        row_ok = rows < d_out
+        w_rows = w_ptr + w_off + rows[:, None].to(tl.int64) * d_in  # [R, 1]
+        mrow = row0 + m_row
+        w_m = w_ptr + w_off + mrow.to(tl.int64) * d_in  # [M]
+        for v0 in range(vfirst, vend, V):
+            vecs = v0 + tl.arange(0, V)
+            vec_ok = vecs < vend
+            n_rows = n_ptr + n_off + vecs[:, None].to(tl.int64) * d_in  # [V, 1]
+            mv = v0 + m_vec
+            m_ok = (mrow < d_out) & (mv < vend)
+            # 1. group maxima over strided groups of columns
+            gmax = tl.full([M, CH], -1.0, tl.float32)
+            for c0 in range(0, d_in, CH):
+                gmax = tl.maximum(gmax, _scores(w_rows, n_rows, c0 + cols, d_in, row_ok, vec_ok, EVEN, R, V, CH))
+            # 2. a lower bound reached by >= k group maxima (start 8 octaves below the top)
+            gb = gmax.to(tl.int32, bitcast=True)
+            top = tl.max(gb, axis=1)
+            lo = tl.maximum(top - (8 << 23), 0)
+            far = tl.sum((gb >= lo[:, None]).to(tl.int32), axis=1) < k
+            hi = tl.where(far, tl.maximum(lo, 1), top + 1)
+            lo = tl.where(far, 0, lo)
+            for _ in tl.static_range(BOUND_STEPS):
+                mid = lo + (hi - lo) // 2
+                up = tl.sum((gb >= mid[:, None]).to(tl.int32), axis=1) >= k
+                lo = tl.where(up, mid, lo)
+                hi = tl.where(up, hi, mid)
+            # 3. every score >= lo into the list, in column order
+            cnt = tl.zeros([M], dtype=tl.int32)
+            for c0 in range(0, d_in, CH):
+                c = c0 + cols
+                sb = _scores(w_rows, n_rows, c, d_in, row_ok, vec_ok, EVEN, R, V, CH).to(tl.int32, bitcast=True)
+                hit = sb >= lo[:, None]
+                pos = cnt[:, None] + tl.cumsum(hit.to(tl.int32), axis=1) - 1
+                key = (sb.to(tl.int64) << 32) | c[None, :].to(tl.int64)
+                tl.store(scr + pos, key, mask=hit & (pos < CAP))
+                cnt += tl.sum(hit.to(tl.int32), axis=1)
+            tl.debug_barrier()  # the list is written by all threads before anyone reads it
+            # 4. exact selection on the list (bisection on bits; ties at the k-th place by column)
+            fits = cnt <= CAP
+            key = tl.load(scr + slots[None, :], mask=slots[None, :] < tl.minimum(cnt, CAP)[:, None], other=-1)
+            bits = (key >> 32).to(tl.int32)
+            col = key.to(tl.int32)  # the low word
+            c_lo = cnt
+            hi = tl.where(fits & (c_lo > k), top + 1, lo + 1)
+            while tl.max(hi - lo, axis=0) > 1:
+                mid = lo + (hi - lo) // 2
+                c_mid = tl.sum((bits >= mid[:, None]).to(tl.int32), axis=1)
+                up = (c_mid >= k) & (hi - lo > 1)
+                down = (c_mid < k) & (hi - lo > 1)
+                lo = tl.where(up, mid, lo)
+                c_lo = tl.where(up, c_mid, c_lo)
+                hi = tl.where(down, mid, hi)
+                hi = tl.where(c_lo == k, lo + 1, hi)
+            gt = tl.sum((bits > lo[:, None]).to(tl.int32), axis=1)
+            eq = bits == lo[:, None]
+            rank = tl.cumsum(eq.to(tl.int32), axis=1)
+            sel = (bits > lo[:, None]) | (eq & (rank <= (k - gt)[:, None]))
+            sel = sel & (fits & m_ok)[:, None]
+            # 5. null comparison on the selected entries, then OR their bits into the mask
+            mv64 = mv.to(tl.int64)
+            wsel = tl.load(w_m[:, None] + col, mask=sel, other=0.0)
+            zsel = tl.load(z_ptr + z_off + mv64[:, None] * d_in + col, mask=sel, other=0.0)
+            score = bits.to(tl.float32, bitcast=True)
+            sel = sel & (score > tl.abs(wsel.to(tl.float32)) * zsel)
+            out_m = out_ptr + o_off + ((mv64 // n_t) * d_out + mrow) * n_words  # [M]
+            tl.atomic_or(out_m[:, None] + (col >> 5), 1 << (col & 31), mask=sel, sem="relaxed")
+            tl.debug_barrier()  # the list is read by all threads before the next vectors overwrite it
+            spill = m_ok & ~fits
+            if tl.max(spill.to(tl.int32), axis=0) > 0:  # rare: many equal scores >= the bound
+                for i in range(0, M):
+                    if tl.max(tl.where(mm == i, spill.to(tl.int32), 0), axis=0) > 0:
+                        tl.atomic_add(stats_ptr, 1)
+                        r = row0 + i % R
+                        v = tl.zeros([], tl.int64) + (v0 + i // R)
+                        _stream_exact(w_ptr + w_off + r.to(tl.int64) * d_in, n_ptr + n_off + v * d_in,
+                                      z_ptr + z_off + v * d_in, out_ptr + o_off + ((v // n_t) * d_out + r) * n_words,
+                                      d_in, k, CH)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamConfig:
+    """``rows`` x ``vectors`` selection problems per work item; ``chunk`` columns per streamed step;
+    ``cap`` list slots per problem; ``bound_steps`` bisection steps for the bound; ``span`` vectors
+    per work item (batched statistics are split so that enough items exist)."""
+
+    rows: int
+    vectors: int
+    chunk: int
+    cap: int
+    bound_steps: int
+    num_warps: int
+    span: int
+    progs_per_sm: int
+
+
+def stream_config(d_ins: Sequence[int], ks: Sequence[int], n_vec: int, n_rows: int,
+                  device: torch.device) -> StreamConfig:
+    """The heuristic; every field can be forced with ``_config.stream_overrides``."""
+    k_max = max(ks)
+    forced = _config.stream_forced()
+    # >= k strided groups per row keep the bound valid (k <= 128 here: stream_eligible)
+    chunk = int(forced.get("chunk", max(_config.pow2_ceil(k_max), 256 if min(d_ins) >= 256 else 128)))
+    cap = int(forced.get("cap", max(32, _config.pow2_ceil(2 * k_max + 8))))
+    rows = int(forced.get("rows", 1 if n_vec == 1 else 2))
+    vectors = int(forced.get("vectors", 1 if n_vec == 1 else 2))
+    num_warps = int(forced.get("num_warps", 1))
+    progs_per_sm = int(forced.get("progs_per_sm", 32 // num_warps))
+    slots = progs_per_sm * _config.num_sms(device)
+    tasks = -(-n_rows // rows)
+    # split the vectors into spans (whole tiles of `vectors`) until there are ~4 items per program
+    tiles = -(-n_vec // vectors)
+    pieces = max(1, min(tiles, -(-4 * slots // tasks)))
+    span = int(forced.get("span", vectors * -(-tiles // pieces)))
+    return StreamConfig(rows, vectors, chunk, cap, int(forced.get("bound_steps", 10)), num_warps, span,
+                        progs_per_sm)
+
+
+def stream_eligible(ks: Sequence[int]) -> bool:
+    """Whether the streaming kernel suits these layers: its list holds ~2k entries, so large k
+    (sparsity far above the paper's 1%) goes to the tile kernel's dense path instead."""
+    return max(ks) <= 128
+
+
+_TABLES: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+
+def _item_tables(heights, d_ins, n_vec, cfg: StreamConfig, device):
+    """item -> (layer, first row, first vector), widest rows first."""
+    key = (tuple(heights), tuple(d_ins), n_vec, cfg, str(device))
+    if key not in _TABLES:
+        order = sorted(range(len(heights)), key=lambda i: -d_ins[i])
+        lay, row, vec = [], [], []
+        for i in order:
+            for r in range(0, heights[i], cfg.rows):
+                for v in range(0, n_vec, cfg.span):
+                    lay.append(i)
+                    row.append(r)
+                    vec.append(v)
+        if len(_TABLES) > 64:
+            _TABLES.clear()
+        _TABLES[key] = tuple(torch.tensor(x, dtype=torch.int32).to(device) for x in (lay, row, vec))
+    return _TABLES[key]
+
+
+def launch_stream(weights, roots: torch.Tensor, n_starts: Sequence[int], z_starts: Sequence[int], ks: Sequence[int],
+                  outs, n_vec: int, n_t: int, stats: torch.Tensor | None = None) -> None:
+    """One launch for layers of one weight dtype (any widths); ``roots`` holds every norm row.
+
+    ``n_starts[i]`` / ``z_starts[i]``: element offsets in ``roots`` of layer i's ``[S * T, d_in]``
+    norms and null norms; ``outs[i]``: ``[S, d_out, ceil(d_in / 32)]`` int32, OR-ed in place.
+    ``stats`` (int32 ``[1]``) counts the problems that took the slow exact path (default: the
+    device's :func:`slow_path_counter`).
+    """
+    from .mask import _offsets  # the same base + element-offset scheme as the tile kernel
+
+    device = weights[0].device
+    heights = [w.shape[0] for w in weights]
+    d_ins = [w.shape[1] for w in weights]
+    cfg = stream_config(d_ins, ks, n_vec, sum(heights), device)
+    w_base, w_offs = _offsets(list(weights))
+    o_base, o_offs = _offsets(list(outs))
+    lay, row, vec = _item_tables(heights, d_ins, n_vec, cfg, device)
+    n_items = lay.numel()
+    key = (cfg, w_base.dtype, str(device))
+    per_sm = _OCCUPANCY.get(key, cfg.progs_per_sm)
+    nprog = max(1, min(n_items, per_sm * _config.num_sms(device)))
+    scratch = torch.empty(nprog * cfg.rows * cfg.vectors * cfg.cap, dtype=torch.int64, device=device)
+    if stats is None:
+        stats = slow_path_counter(device)
+    tab = lambda vals, dt: _config.device_table(tuple(vals), dt, device)
+    aligned = all(x % 16 == 0 for x in (*w_offs, *n_starts, *d_ins))
+    compiled = _stream_mask_kernel[(nprog,)](
+        w_base, roots, roots, o_base, scratch, stats, lay, row, vec,
+        tab(w_offs, torch.int64), tab(n_starts, torch.int64), tab(z_starts, torch.int64), tab(o_offs, torch.int64),
+        tab(heights, torch.int32), tab(d_ins, torch.int32), tab(ks, torch.int32),
+        n_items, n_vec, n_t, cfg.span,
+        R=cfg.rows, V=cfg.vectors, CH=cfg.chunk, CAP=cfg.cap, BOUND_STEPS=cfg.bound_steps,
+        EVEN=all(d % cfg.chunk == 0 for d in d_ins), ALIGNED=aligned, num_warps=cfg.num_warps,
+    )
+    regs = getattr(compiled, "n_regs", 0)
+    if device.type == "cuda" and regs and key not in _OCCUPANCY and "progs_per_sm" not in _config.stream_forced():
+        # as many programs per SM as registers allow, at most 32 blocks and 64 warps
+        _OCCUPANCY[key] = max(1, min(65536 // (regs * 32 * cfg.num_warps), 32, 64 // cfg.num_warps))
+
+
+_OCCUPANCY: dict[tuple, int] = {}
+_COUNTERS: dict[str, torch.Tensor] = {}
+
+
+def slow_path_counter(device: torch.device) -> torch.Tensor:
+    """int32 ``[1]`` on ``device``: how many (row, vector) problems took the slow exact path so far
+    (all launches that were not given their own ``stats``; benchmarks read and reset it)."""
+    key = str(device)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
