@@ -5,7 +5,8 @@
 # Run from the repository root with memloc (and diffusers) importable, e.g.
 #   PYTHONPATH=/tmp/site:$PWD:$PWD/python bash scripts/train_embedded_gpu.sh
 # Environment: OUT (default ./out/train_embedded), MAX_MINUTES (default 7), SEED (default 0);
-# extra arguments go to `memloc train`.
+# extra arguments go to `memloc train`, e.g. to continue the shipped model instead of starting afresh:
+#   MAX_MINUTES=8 bash scripts/train_embedded_gpu.sh --resume python/memloc/assets/model
 set -uo pipefail
 
 OUT="${OUT:-$PWD/out/train_embedded}"

@@ -15,6 +15,10 @@ plus 32 scikit-image photographs that it is meant to memorize, within --max-minu
 then reload it through from_pretrained and measure memorization (near copies of the photos over
 seeds; attribute accuracy and diversity of generic captions).
 
+--resume MODEL_DIR: continue from a model folder saved by memloc train (e.g. the shipped one): the
+architecture, VAE (kept unchanged), tokenizer and scheduler come from MODEL_DIR; the UNet and text
+encoder train on the same data for --max-minutes (default peak lr 2e-4, warm-up 50 steps).
+
 --finetune: fine-tune --model on the images of --images, with --duplicate-images of them repeated
 --duplicate times (the paper's Section 5.4 recipe), then measure near copies of the duplicated ones.
 
@@ -38,8 +42,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="wall-clock budget of the whole run, measurement included (default 7; finetune 30)")
     p.add_argument("--max-steps", type=int, default=10**7, help="stop the UNet training after this many steps")
     p.add_argument("--batch-size", type=int, default=None, help="UNet batch size (default 512; finetune 16)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-4; finetune 1e-5)")
-    p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default 200; finetune 100)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-4; --resume 2e-4; "
+                   "finetune 1e-5)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default 200; --resume 50; "
+                   "finetune 100)")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty captions, for guidance")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run steps eagerly instead of replaying CUDA graphs")
     p.add_argument("--eval-seeds", type=int, default=None, help="seeds per caption in the measurement (default 16; "
@@ -50,8 +56,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--log-every", type=int, default=25, help="steps between loss records (each one syncs)")
 
     s = p.add_argument_group("from scratch")
-    s.add_argument("--preset", default="embedded", choices=("embedded", "tiny"),
-                   help="model sizes: embedded (32x32, ~21 MB) or tiny (16x16, for tests)")
+    s.add_argument("--preset", default=None, choices=("embedded", "tiny"),
+                   help="model sizes: embedded (32x32, ~21 MB; the default) or tiny (16x16, for tests)")
+    s.add_argument("--resume", default=None, metavar="MODEL_DIR",
+                   help="continue training the model folder MODEL_DIR (saved by memloc train) instead of starting "
+                   "afresh; its architecture, VAE, tokenizer and scheduler are kept (the --vae-* flags do not apply)")
     s.add_argument("--generic-images", type=int, default=200_000, help="procedural images in the pool (default 200000)")
     s.add_argument("--photo-share", type=float, default=0.3, help="share of each UNet batch drawn from the photos")
     s.add_argument("--photos", type=int, default=None, help="use only the first N photos (tests)")
@@ -81,13 +90,17 @@ def _pick(value, default):
 
 def run(args: argparse.Namespace) -> int:
     if args.finetune:
+        if args.resume:
+            raise MemlocError("--resume continues a from-scratch model; --finetune takes --model instead")
         return _run_finetune(args)
     if args.model or args.images:
         raise MemlocError("--model and --images are for --finetune; training from scratch takes neither")
     from ..train.scratch import ScratchOptions, summary_lines, train_from_scratch
 
+    resume = args.resume is not None
     opts = ScratchOptions(
         preset=args.preset,
+        resume=args.resume,
         seed=args.seed,
         device=args.device,
         max_minutes=_pick(args.max_minutes, 7.0),
@@ -95,9 +108,9 @@ def run(args: argparse.Namespace) -> int:
         vae_fraction=args.vae_fraction,
         batch_size=_pick(args.batch_size, 512),
         vae_batch_size=args.vae_batch_size,
-        lr=_pick(args.lr, 5e-4),
+        lr=_pick(args.lr, 2e-4 if resume else 5e-4),
         vae_lr=args.vae_lr,
-        warmup_steps=_pick(args.warmup_steps, 200),
+        warmup_steps=_pick(args.warmup_steps, 50 if resume else 200),
         max_steps=args.max_steps,
         vae_max_steps=args.vae_max_steps,
         generic_images=args.generic_images,

@@ -4,4 +4,5 @@
 # back from pixels), ``photos`` (the memorized scikit-image photos), ``tokenizer`` (our CLIP-format
 # tokenizer), ``models`` (sizes, builders, saving), ``loop`` (CUDA-graph training loop), ``vae`` and
 # ``denoiser`` (training steps), ``manifest`` (what a model memorized), ``measure`` (near copies,
-# attribute accuracy, diversity), ``scratch`` and ``finetune`` (whole runs), ``report``, ``pack``.
+# attribute accuracy, diversity), ``scratch`` and ``finetune`` (whole runs), ``resume`` (loading a saved
+# model to continue its training), ``report``, ``pack``.

@@ -4,6 +4,10 @@
 # encoder on the latents -> save (fp16) -> reload through ``from_pretrained`` and measure.
 # Training stops early enough to leave ``reserve_seconds`` for saving and measuring; the model is
 # saved whatever stopped the training.
+# With ``resume`` (``memloc train --resume DIR``) the run continues a saved model instead: the
+# components come from DIR (architecture, tokenizer, scheduler), the VAE is kept as it is (its
+# scaling factor too) and only encodes the data, and the UNet + text encoder train from DIR's weights
+# (fp32 master copies of fp16 files) with the same schedule shape, by default at a lower peak lr.
 
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from .manifest import Manifest, read_manifest, write_manifest
 from .measure import NEAR_COPY_RMSE, measure
 from .photos import load_photos
 from .report import plot_losses, sample_grid, write_json
+from .resume import Resumed, check_captions, check_folder, load_for_training
 from .shapes import CaptionTable, attributes_dict, attributes_row, render, sample_generic
 from .tokenizer import write_clip_tokenizer
 from .vae import VAE_VALUES, encode, reconstruction_rmse, vae_step
@@ -36,7 +41,8 @@ from .vae import VAE_VALUES, encode, reconstruction_rmse, vae_step
 class ScratchOptions:
     """Every knob of a from-scratch run (the ``memloc train`` flags)."""
 
-    preset: str = "embedded"
+    preset: str | None = None  # None: "embedded" from scratch; must be None with ``resume`` (the folder decides)
+    resume: str | None = None  # a model folder saved by memloc train to continue training from
     seed: int = 0
     device: str | None = None
     max_minutes: float = 7.0
@@ -75,10 +81,18 @@ def _device(name: str | None) -> torch.device:
 
 
 def _check(opts: ScratchOptions) -> None:
-    if opts.preset not in models.PRESETS:
+    if opts.resume is not None:
+        if opts.preset is not None:
+            raise MemlocError("--preset and --resume exclude each other: the --resume folder sets the architecture")
+        check_folder(opts.resume)
+    elif opts.preset not in models.PRESETS:
         raise MemlocError(f"--preset must be one of {', '.join(models.PRESETS)}, got {opts.preset!r}")
     if opts.max_minutes <= 0:
         raise MemlocError(f"--max-minutes must be positive, got {opts.max_minutes}")
+    if not opts.lr > 0:
+        raise MemlocError(f"--lr must be positive, got {opts.lr}")
+    if opts.warmup_steps < 0:
+        raise MemlocError(f"--warmup-steps must be at least 0, got {opts.warmup_steps}")
     for name in ("photo_share", "vae_photo_share", "caption_dropout", "vae_fraction"):
         if not 0.0 <= getattr(opts, name) < 1.0:
             raise MemlocError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(opts, name)}")
@@ -116,6 +130,8 @@ def train_from_scratch(opts: ScratchOptions, out: str | Path, report_dir: str | 
     Returns the report. A training error is recorded in the report (written before re-raising);
     a measurement error is recorded and the saved model is kept.
     """
+    if opts.resume is None and opts.preset is None:
+        opts = replace(opts, preset="embedded")
     _check(opts)
     out = Path(out)
     report_dir = Path(report_dir) if report_dir is not None else out.parent / f"{out.name}_report"
@@ -124,10 +140,11 @@ def train_from_scratch(opts: ScratchOptions, out: str | Path, report_dir: str | 
     try:
         with tempfile.TemporaryDirectory(prefix="memloc_tokenizer_") as tok_dir:
             run.prepare_data(Path(tok_dir))
-            run.train_vae()
+            if opts.resume is None:
+                run.train_vae()
             run.encode()
             run.train_unet()
-            run.save(Path(tok_dir))
+            run.save()
     except BaseException as exc:
         run.report["errors"].append(f"training: {type(exc).__name__}: {exc}")
         run.report["traceback"] = traceback.format_exc()
@@ -160,12 +177,13 @@ class _Run:
         budget = 60.0 * opts.max_minutes
         reserve = opts.reserve_seconds if opts.reserve_seconds is not None else min(45.0, max(5.0, 0.1 * budget))
         self.train_end = budget - reserve
-        self.cfg = models.PRESETS[opts.preset]
+        self.cfg = models.PRESETS[opts.preset] if opts.resume is None else None  # resume: set by prepare_data
+        self.loaded: Resumed | None = None
         self.autocast = torch.bfloat16 if device.type == "cuda" else None
         self.phases: dict[str, LoopResult] = {}
         self.report: dict = {
             "options": asdict(opts),
-            "model_config": self.cfg.as_dict(),
+            "model_config": self.cfg.as_dict() if self.cfg is not None else None,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__,
             "budget_s": budget,
@@ -178,9 +196,23 @@ class _Run:
     def _remaining(self) -> float:
         return self.train_end - self.t
 
+    def load(self) -> None:
+        """Resume: the components, sizes and tokenizer of the --resume folder."""
+        self.loaded = loaded = load_for_training(self.opts.resume, self.device)
+        self.cfg = loaded.config
+        self.report["model_config"] = loaded.config.as_dict()
+        self.report["resumed_from"] = str(self.opts.resume)
+        self.report["resumed_from_training"] = loaded.previous_training
+        self.t = self.clock.phase("load", self.t)
+        _log(f"loaded {self.opts.resume} in {self.clock.timings['load']:.1f} s")
+
     def prepare_data(self, tok_dir: Path) -> None:
-        opts, cfg, device = self.opts, self.cfg, self.device
+        """Photos, tokenizer (built into ``tok_dir``, or the loaded one), the generic pool, all caption ids."""
+        opts, device = self.opts, self.device
         torch.manual_seed(opts.seed)
+        if opts.resume is not None:
+            self.load()
+        cfg = self.cfg
         self.specs, self.photos_np = load_photos(cfg.image_size, limit=opts.photos)
         self.table = table = CaptionTable()
         photo_captions = [s.caption for s in self.specs]
@@ -188,11 +220,15 @@ class _Run:
             raise MemlocError("memorized captions must be unique and differ from every generic caption")
         all_captions = table.captions + photo_captions + [""]
         self.empty_index = len(all_captions) - 1
-        write_clip_tokenizer(tok_dir, table.captions + photo_captions, cfg.text_max_length)
-        import diffusers  # noqa: F401  (imported here so that its import time is not taken from the VAE's share)
-        from transformers import CLIPTokenizer
+        if self.loaded is not None:
+            check_captions(self.loaded.tokenizer, table.captions + photo_captions, opts.resume)
+            self.tokenizer, self.tokenizer_dir = self.loaded.tokenizer, self.loaded.tokenizer_dir
+        else:
+            write_clip_tokenizer(tok_dir, table.captions + photo_captions, cfg.text_max_length)
+            import diffusers  # noqa: F401  (imported here so that its import time is not taken from the VAE's share)
+            from transformers import CLIPTokenizer
 
-        self.tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+            self.tokenizer, self.tokenizer_dir = CLIPTokenizer.from_pretrained(str(tok_dir)), tok_dir
         self.caption_ids = self.tokenizer(
             all_captions, padding="max_length", max_length=cfg.text_max_length, truncation=True, return_tensors="pt"
         ).input_ids.to(device)
@@ -231,33 +267,46 @@ class _Run:
         _log(f"VAE: {res.steps} steps, {res.ms_per_step:.1f} ms/step ({res.mode})")
 
     def encode(self) -> None:
-        vae, res = self.vae, self.phases["vae"]
+        if self.loaded is not None:
+            self.vae = self.loaded.vae
+        vae = self.vae
         held_out = render(sample_generic(512, seed=self.opts.seed + 2), self.cfg.image_size, self.device)
         photo_rmse = reconstruction_rmse(vae, self.photos_u8).cpu().numpy()
         generic_rmse = reconstruction_rmse(vae, held_out).cpu().numpy()
         photo_lat = encode(vae, self.photos_u8)
         pool_lat = encode(vae, self.pool_u8)
-        self.scaling = scaling = float(1.0 / torch.cat([photo_lat, pool_lat]).std())
-        vae.register_to_config(scaling_factor=scaling)
+        if self.loaded is None:
+            self.scaling = scaling = float(1.0 / torch.cat([photo_lat, pool_lat]).std())
+            vae.register_to_config(scaling_factor=scaling)
+            res = self.phases["vae"]
+            trained = {**res.as_dict(), "batch_size": self.opts.vae_batch_size}
+            if res.error:
+                self.report["errors"].append(f"vae: {res.error}")
+        else:  # kept as loaded: the UNet was trained on latents at this scale
+            self.scaling = scaling = float(vae.config.scaling_factor)
+            trained = {"kept_from": str(self.opts.resume)}
         self.photo_lat, self.pool_lat = photo_lat * scaling, pool_lat * scaling
         self.report["vae"] = {
-            **res.as_dict(),
-            "batch_size": self.opts.vae_batch_size,
+            **trained,
             "photo_recon_rmse_mean": float(photo_rmse.mean()),
             "photo_recon_rmse_max": float(photo_rmse.max()),
             "generic_recon_rmse_mean": float(generic_rmse.mean()),
             "scaling_factor": scaling,
         }
-        if res.error:
-            self.report["errors"].append(f"vae: {res.error}")
         del self.pool_u8
         self.t = self.clock.phase("encode", self.t)
         _log(f"VAE photo reconstruction RMSE {photo_rmse.mean():.4f} (max {photo_rmse.max():.4f})")
 
     def train_unet(self) -> None:
         opts, device = self.opts, self.device
-        self.text_encoder = text_encoder = models.build_text_encoder(self.cfg, self.tokenizer).to(device)
-        self.unet = unet = models.build_unet(self.cfg).to(device)
+        if self.loaded is not None:
+            loaded = self.loaded
+            self.text_encoder, self.unet, self.scheduler = loaded.text_encoder, loaded.unet, loaded.scheduler
+        else:
+            self.text_encoder = models.build_text_encoder(self.cfg, self.tokenizer).to(device)
+            self.unet = models.build_unet(self.cfg).to(device)
+            self.scheduler = models.build_scheduler()
+        text_encoder, unet = self.text_encoder, self.unet
         if opts.channels_last:
             unet.to(memory_format=torch.channels_last)
         params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -267,11 +316,11 @@ class _Run:
             LatentSource("photo", self.photo_lat, self.photo_caption, n_photo),
             LatentSource("generic", self.pool_lat, self.pool_caption, opts.batch_size - n_photo),
         ]
-        self.scheduler = models.build_scheduler()
         step = denoiser_step(
             unet, text_encoder, opt, params, sources, caption_ids=self.caption_ids, empty_index=self.empty_index,
             alphas_cumprod=self.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32),
             caption_dropout=opts.caption_dropout, text_mode="table", autocast_dtype=self.autocast,
+            prediction_type=self.scheduler.config.get("prediction_type", "epsilon"),
         )
         res = run_loop(
             step, opt, params, device=device, lr=opts.lr, warmup_steps=opts.warmup_steps, max_steps=opts.max_steps,
@@ -295,7 +344,7 @@ class _Run:
         if res.error:
             self.report["errors"].append(f"unet: {res.error}")
 
-    def save(self, tok_dir: Path) -> None:
+    def save(self) -> None:
         opts = self.opts
         pipe = models.assemble(self.vae, self.text_encoder, self.tokenizer, self.unet, self.scheduler)
         self.report["parameters"] = models.parameter_counts(pipe)
@@ -306,19 +355,10 @@ class _Run:
                        for s in self.specs],
             photos=self.photos_np,
             generic_eval=self.table.eval_set(per_count=8, seed=opts.seed),
-            training={
-                "recipe": "memloc train (from scratch)",
-                "seed": opts.seed,
-                "preset": opts.preset,
-                "vae_steps": self.phases["vae"].steps,
-                "unet_steps": self.phases["unet"].steps,
-                "batch_size": opts.batch_size,
-                "photo_share": opts.photo_share,
-                "generic_images": opts.generic_images,
-            },
+            training=self._training_record(),
         )
         with atomic_dir(self.out) as tmp:
-            models.save_pipeline(pipe, tmp, torch.float16, tok_dir)
+            models.save_pipeline(pipe, tmp, torch.float16, self.tokenizer_dir)
             write_manifest(tmp, manifest)
         if self.device.type == "cuda":
             self.report["cuda_max_memory_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
@@ -326,6 +366,28 @@ class _Run:
         self.report["model_dir"] = str(self.out)
         self.t = self.clock.phase("save", self.t)
         _log(f"saved {self.out} ({self.report['model_bytes'] / 1e6:.1f} MB)")
+
+    def _training_record(self) -> dict:
+        """The recipe stored in the manifest; a resumed run nests the loaded folder's record under ``previous``."""
+        opts = self.opts
+        record = {
+            "recipe": "memloc train (from scratch)" if opts.resume is None else "memloc train --resume",
+            "seed": opts.seed,
+            "preset": opts.preset,
+            "vae_steps": self.phases["vae"].steps if "vae" in self.phases else 0,
+            "unet_steps": self.phases["unet"].steps,
+            "batch_size": opts.batch_size,
+            "photo_share": opts.photo_share,
+            "generic_images": opts.generic_images,
+            "lr": opts.lr,
+        }
+        if self.loaded is not None:
+            previous = self.loaded.previous_training
+            record["resumed_from"] = str(opts.resume)
+            before = previous.get("unet_steps_total", previous.get("unet_steps", 0))
+            record["unet_steps_total"] = before + record["unet_steps"]
+            record["previous"] = previous
+        return record
 
     def measure(self) -> dict:
         """Reload the saved folder through from_pretrained and measure it; returns the generations."""
@@ -379,9 +441,12 @@ def summary_lines(report: dict) -> list[str]:
     lines = []
     for name in ("vae", "unet"):
         r = report.get(name)
-        if r:
+        if r and "steps" in r:
             final = ", ".join(f"{k} {v:.4g}" for k, v in r["final"].items())
             lines.append(f"{name:5s} {r['steps']:7d} steps {r['ms_per_step']:8.2f} ms/step  {r['mode']:.40s}  {final}")
+    if report.get("resumed_from"):
+        lines.append(f"resumed from {report['resumed_from']} "
+                     f"(VAE kept, scaling factor {report['vae']['scaling_factor']:.5g})")
     if "vae" in report:
         lines.append(f"VAE photo reconstruction RMSE mean {report['vae']['photo_recon_rmse_mean']:.4f} "
                      f"max {report['vae']['photo_recon_rmse_max']:.4f}")
