@@ -30,26 +30,27 @@ SPARSITY = 0.01
 # (name, kernel, stream overrides) for the single-vector and the batched measurements
 SINGLE = [
     ("tile (previous default)", "tile", {}),
-    ("stream r1 w1 ch256", "stream", {"rows": 1, "num_warps": 1, "chunk": 256}),
-    ("stream r1 w1 ch128", "stream", {"rows": 1, "num_warps": 1, "chunk": 128}),
-    ("stream r2 w1 ch256", "stream", {"rows": 2, "num_warps": 1, "chunk": 256}),
-    ("stream r1 w2 ch256", "stream", {"rows": 1, "num_warps": 2, "chunk": 256}),
-    ("stream r2 w2 ch256", "stream", {"rows": 2, "num_warps": 2, "chunk": 256}),
-    ("stream r1 w2 ch512", "stream", {"rows": 1, "num_warps": 2, "chunk": 512}),
-    ("stream r1 w1 ch256 b6", "stream", {"rows": 1, "num_warps": 1, "chunk": 256, "bound_steps": 6}),
-    ("stream r1 w4 ch512", "stream", {"rows": 1, "num_warps": 4, "chunk": 512}),
+    ("list r1 w1", "stream", {"variant": "list", "rows": 1, "num_warps": 1}),
+    ("blocks w1", "stream", {"variant": "blocks", "num_warps": 1}),
+    ("blocks w2", "stream", {"variant": "blocks", "num_warps": 2}),
+    ("blocks w4", "stream", {"variant": "blocks", "num_warps": 4}),
+    ("blocks w1 nreg128", "stream", {"variant": "blocks", "num_warps": 1, "maxnreg": 128}),
+    ("blocks w2 nreg80", "stream", {"variant": "blocks", "num_warps": 2, "maxnreg": 80}),
+    ("blocks w4 ch512", "stream", {"variant": "blocks", "num_warps": 4, "chunk": 512}),
+    ("blocks w2 cap64", "stream", {"variant": "blocks", "num_warps": 2, "cap": 64}),
+    ("blocks-bisect w2", "stream", {"variant": "blocks-bisect", "num_warps": 2}),
+    ("blocks-bisect w4", "stream", {"variant": "blocks-bisect", "num_warps": 4}),
 ]
 BATCHED = [
     ("tile (previous default)", "tile", {}),
-    ("stream r2 v2 w1", "stream", {"rows": 2, "vectors": 2, "num_warps": 1}),
-    ("stream r1 v1 w1", "stream", {"rows": 1, "vectors": 1, "num_warps": 1}),
-    ("stream r4 v1 w1", "stream", {"rows": 4, "vectors": 1, "num_warps": 1}),
-    ("stream r1 v4 w1", "stream", {"rows": 1, "vectors": 4, "num_warps": 1}),
-    ("stream r2 v4 w2", "stream", {"rows": 2, "vectors": 4, "num_warps": 2}),
-    ("stream r4 v2 w2", "stream", {"rows": 4, "vectors": 2, "num_warps": 2}),
-    ("stream r4 v4 w4", "stream", {"rows": 4, "vectors": 4, "num_warps": 4}),
-    ("stream r2 v2 w2 ch128", "stream", {"rows": 2, "vectors": 2, "num_warps": 2, "chunk": 128}),
+    ("list r1 w1", "stream", {"variant": "list", "rows": 1, "vectors": 1, "num_warps": 1}),
+    ("blocks w1", "stream", {"variant": "blocks", "num_warps": 1}),
+    ("blocks w2", "stream", {"variant": "blocks", "num_warps": 2}),
+    ("blocks w4", "stream", {"variant": "blocks", "num_warps": 4}),
+    ("blocks-bisect w2", "stream", {"variant": "blocks-bisect", "num_warps": 2}),
 ]
+# a few settings also on SDXL shapes and on statistics with a few dominant columns
+EXTRA = (0, 2, 3, 4)
 
 
 def layer_stats(shapes, lead, seed=0, heavy=False):
@@ -135,10 +136,11 @@ def main() -> int:
     for name, kernel, over in single_list:
         run("sd15 x1", name, kernel, over, sd1, (), True, 1)
     heavy = layer_stats(SD15, (), seed=3, heavy=True)
-    for name, kernel, over in single_list[:2]:
+    extra = [single_list[i] for i in EXTRA if i < len(single_list)]
+    for name, kernel, over in extra:
         run("sd15 x1 heavy", name, kernel, over, heavy, (), True, 1)
     xl = layer_stats(SDXL, ())
-    for name, kernel, over in single_list[:2]:
+    for name, kernel, over in extra:
         run("sdxl x1", name, kernel, over, xl, (), True, 1)
     del xl
     sdb = layer_stats(SD15, (100, 10), seed=1)

@@ -203,7 +203,7 @@ def _stream_mask_kernel(
             sel = (bits > lo[:, None]) | (eq & (rank <= (k - gt)[:, None]))
             sel = sel & (fits & m_ok)[:, None]
             # 5. null comparison on the selected entries, then OR their bits into the mask
-            mv64 = mv.to(tl.int64)
+            mv64 = mv
             wsel = tl.load(w_m[:, None] + col, mask=sel, other=0.0)
             zsel = tl.load(z_ptr + z_off + mv64[:, None] * d_in + col, mask=sel, other=0.0)
             score = bits.to(tl.float32, bitcast=True)
@@ -223,12 +223,178 @@ def _stream_mask_kernel(
                                       d_in, k, CH)
 
 
+@triton.jit
+def _blocks_mask_kernel(
+    w_ptr, n_ptr, z_ptr, out_ptr, bmx_ptr, lst_ptr, stats_ptr,
+    item_layer_ptr, item_row_ptr, item_vec_ptr,
+    lay_w_ptr, lay_n_ptr, lay_z_ptr, lay_o_ptr, lay_dout_ptr, lay_din_ptr, lay_k_ptr,
+    n_items, n_vec, n_t, vec_span, bmx_stride,
+    CH: tl.constexpr, CAPB: tl.constexpr, BOUND_STEPS: tl.constexpr, EVEN: tl.constexpr, ALIGNED: tl.constexpr,
+    TWO_LEVEL: tl.constexpr,
+):
+    """One (row, vector) at a time; pass 2 reads back only the 8-column blocks that can hold a winner.
+
+    Pass 1 streams the row: strided group maxima ``gmax`` (for the bound, as in the list variant)
+    and the maximum of every aligned 8-column block, stored to the program's scratch. The blocks
+    whose maximum reaches the bound ``lo`` (~k of them) are listed in column order, gathered as a
+    ``[CAPB, 8]`` tile (scores recomputed bit-identically), and the exact selection runs on that
+    tile; each block lies inside one mask word, so the OR is one atomic per block.
+    """
+    NB: tl.constexpr = CH // 8
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    cols = tl.arange(0, CH)
+    bidx = tl.arange(0, NB)
+    lanes = tl.arange(0, CH)
+    slots = tl.arange(0, CAPB)
+    j8 = tl.arange(0, 8)
+    bmx = bmx_ptr + pid.to(tl.int64) * bmx_stride
+    lst = lst_ptr + pid.to(tl.int64) * CAPB
+    for item in range(pid, n_items, nprog):
+        layer = tl.load(item_layer_ptr + item)
+        row = tl.load(item_row_ptr + item)
+        vfirst = tl.load(item_vec_ptr + item)
+        vend = tl.minimum(vfirst + vec_span, n_vec)
+        d_in = tl.load(lay_din_ptr + layer)
+        d_out = tl.load(lay_dout_ptr + layer)
+        k = tl.load(lay_k_ptr + layer)
+        w_off = tl.load(lay_w_ptr + layer)
+        n_off = tl.load(lay_n_ptr + layer)
+        z_off = tl.load(lay_z_ptr + layer)
+        o_off = tl.load(lay_o_ptr + layer)
+        if ALIGNED:  # checked by the launcher: every offset and d_in a multiple of 16 elements
+            w_off = tl.multiple_of(w_off, 16)
+            n_off = tl.multiple_of(n_off, 16)
+            z_off = tl.multiple_of(z_off, 16)
+            d_in = tl.multiple_of(d_in, 16)
+        n_words = (d_in + 31) // 32
+        n_blocks = (d_in + 7) // 8
+        w_row = w_ptr + w_off + row.to(tl.int64) * d_in
+        for v32 in range(vfirst, vend):
+            v = tl.zeros([], tl.int64) + v32
+            n_row = n_ptr + n_off + v * d_in
+            # 1. strided group maxima (the bound) and 8-column block maxima (to scratch)
+            gmax = tl.full([CH], -1.0, tl.float32)
+            for c0 in range(0, d_in, CH):
+                c = c0 + cols
+                if EVEN:
+                    s = tl.abs(tl.load(w_row + c).to(tl.float32)) * tl.load(n_row + c)
+                else:
+                    s = tl.abs(tl.load(w_row + c, mask=c < d_in, other=0.0).to(tl.float32)) * tl.load(
+                        n_row + c, mask=c < d_in, other=0.0)
+                    s = tl.where(c < d_in, s, -1.0)
+                gmax = tl.maximum(gmax, s)
+                tl.store(bmx + c0 // 8 + bidx, tl.max(tl.reshape(s, [NB, 8]), axis=1))
+            # 2. a lower bound reached by >= k group maxima (start 8 octaves below the top)
+            gb = gmax.to(tl.int32, bitcast=True)
+            top = tl.max(gb, axis=0)
+            lo = tl.maximum(top - (8 << 23), 0)
+            far = tl.sum((gb >= lo).to(tl.int32), axis=0) < k
+            hi = tl.where(far, tl.maximum(lo, 1), top + 1)
+            lo = tl.where(far, 0, lo)
+            for _ in tl.static_range(BOUND_STEPS):
+                mid = lo + (hi - lo) // 2
+                up = tl.sum((gb >= mid).to(tl.int32), axis=0) >= k
+                lo = tl.where(up, mid, lo)
+                hi = tl.where(up, hi, mid)
+            tl.debug_barrier()  # block maxima stored by all threads
+            # 3. the blocks whose maximum reaches lo, listed in column order
+            nh = 0
+            for b0 in range(0, n_blocks, CH):
+                b = b0 + lanes
+                bb = tl.load(bmx + b, mask=b < n_blocks, other=-1.0).to(tl.int32, bitcast=True)
+                hit = bb >= lo
+                pos = nh + tl.cumsum(hit.to(tl.int32), axis=0) - 1
+                tl.store(lst + pos, b, mask=hit & (pos < CAPB))
+                nh += tl.sum(hit.to(tl.int32), axis=0)
+            tl.debug_barrier()  # the list is written by all threads before anyone reads it
+            fits = nh <= CAPB
+            if fits:
+                # 4. gather the listed blocks; exact selection on the [CAPB, 8] tile
+                blk = tl.load(lst + slots, mask=slots < nh, other=-1)
+                c = blk[:, None] * 8 + j8[None, :]
+                ok = (blk >= 0)[:, None] & (c < d_in)
+                s = tl.abs(tl.load(w_row + c, mask=ok, other=0.0).to(tl.float32)) * tl.load(n_row + c, mask=ok,
+                                                                                            other=0.0)
+                bits = tl.where(ok, s.to(tl.int32, bitcast=True), -1)  # only the bits stay live
+                if TWO_LEVEL:
+                    # first the k-th largest block maximum (4 values per lane): at least k scores
+                    # reach it, and usually only a few more (blocks holding two of the top k)
+                    hb = tl.load(bmx + blk, mask=blk >= 0, other=-1.0).to(tl.int32, bitcast=True)
+                    c_lo = nh
+                    hi = tl.where(c_lo > k, top + 1, lo + 1)
+                    while hi - lo > 1:
+                        mid = lo + (hi - lo) // 2
+                        c_mid = tl.sum((hb >= mid).to(tl.int32), axis=0)
+                        if c_mid >= k:
+                            lo = mid
+                            c_lo = c_mid
+                            if c_mid == k:
+                                hi = lo + 1
+                        else:
+                            hi = mid
+                    # then drop the smallest scores >= lo, one distinct value at a time, while
+                    # at least k remain: ends at exactly k, or at the k-th value (a tie)
+                    c_lo = tl.sum(tl.sum((bits >= lo).to(tl.int32), axis=1), axis=0)
+                    while c_lo > k:
+                        low = tl.min(tl.min(tl.where(bits >= lo, bits, 0x7FFFFFFF), axis=1), axis=0)
+                        n_low = tl.sum(tl.sum((bits == low).to(tl.int32), axis=1), axis=0)
+                        if c_lo - n_low >= k:
+                            lo = low + 1
+                            c_lo = c_lo - n_low
+                        else:
+                            lo = low
+                            c_lo = k  # leave: `low` is the k-th value
+                else:
+                    c_lo = tl.sum(tl.sum((bits >= lo).to(tl.int32), axis=1), axis=0)
+                    hi = tl.where(c_lo > k, top + 1, lo + 1)
+                    while hi - lo > 1:
+                        mid = lo + (hi - lo) // 2
+                        c_mid = tl.sum(tl.sum((bits >= mid).to(tl.int32), axis=1), axis=0)
+                        if c_mid >= k:
+                            lo = mid
+                            c_lo = c_mid
+                            if c_mid == k:
+                                hi = lo + 1
+                        else:
+                            hi = mid
+                gt = tl.sum(tl.sum((bits > lo).to(tl.int32), axis=1), axis=0)
+                sel = bits > lo
+                eq = bits == lo
+                n_eq = tl.sum(tl.sum(eq.to(tl.int32), axis=1), axis=0)
+                if gt + n_eq > k:  # equal scores straddle the k-th place: lowest columns first
+                    rank = tl.reshape(tl.cumsum(tl.reshape(eq.to(tl.int32), [CAPB * 8]), axis=0), [CAPB, 8])
+                    sel = sel | (eq & (rank <= k - gt))
+                else:
+                    sel = sel | eq
+                # 5. null comparison (|W| re-read for the selected only), one OR per block (a block
+                # lies inside one word)
+                c = blk[:, None] * 8 + j8[None, :]
+                aw = tl.abs(tl.load(w_row + c, mask=sel, other=0.0).to(tl.float32))
+                z = tl.load(z_ptr + z_off + v * d_in + c, mask=sel, other=0.0)
+                sel = sel & (bits.to(tl.float32, bitcast=True) > aw * z)
+                word_bits = tl.sum(tl.where(sel, 1 << (c & 31), 0), axis=1)
+                out_row = out_ptr + o_off + ((v // n_t).to(tl.int64) * d_out + row) * n_words
+                tl.atomic_or(out_row + (blk >> 2), word_bits, mask=word_bits != 0, sem="relaxed")
+            else:  # rare: many equal scores >= the bound (e.g. a zero row)
+                tl.atomic_add(stats_ptr, 1)
+                _stream_exact(w_row, n_row, z_ptr + z_off + v * d_in,
+                              out_ptr + o_off + ((v // n_t).to(tl.int64) * d_out + row) * n_words, d_in, k, CH)
+            tl.debug_barrier()  # scratch read by all threads before the next vector overwrites it
+
+
 @dataclasses.dataclass(frozen=True)
 class StreamConfig:
-    """``rows`` x ``vectors`` selection problems per work item; ``chunk`` columns per streamed step;
-    ``cap`` list slots per problem; ``bound_steps`` bisection steps for the bound; ``span`` vectors
-    per work item (batched statistics are split so that enough items exist)."""
+    """``variant``: ``"blocks"`` (pass 2 gathers the 8-column blocks that can hold a winner) or
+    ``"list"`` (pass 2 streams the whole row into a list of every score >= the bound);
+    ``"blocks-bisect"`` is ``"blocks"`` with one bisection over the gathered tile instead of two
+    levels (block maxima, then dropping the smallest); ``rows`` x
+    ``vectors`` selection problems per step (list variant; blocks: 1 x 1); ``chunk`` columns per
+    streamed step (also the number of strided bound groups); ``cap`` list slots (list) or gathered
+    blocks (blocks) per problem; ``bound_steps`` bisection steps for the bound; ``span`` vectors per
+    work item (batched statistics are split so that there are enough items)."""
 
+    variant: str
     rows: int
     vectors: int
     chunk: int
@@ -237,18 +403,21 @@ class StreamConfig:
     num_warps: int
     span: int
     progs_per_sm: int
+    maxnreg: int = 0
 
 
 def stream_config(d_ins: Sequence[int], ks: Sequence[int], n_vec: int, n_rows: int,
                   device: torch.device) -> StreamConfig:
-    """The heuristic; every field can be forced with ``_config.stream_overrides``."""
+    """The heuristic (one warp per program, one row per step; H200 sweep in BENCHMARKS.md); every
+    field can be forced with ``_config.stream_overrides``."""
     k_max = max(ks)
     forced = _config.stream_forced()
+    variant = str(forced.get("variant", "blocks"))
     # >= k strided groups per row keep the bound valid (k <= 128 here: stream_eligible)
     chunk = int(forced.get("chunk", max(_config.pow2_ceil(k_max), 256 if min(d_ins) >= 256 else 128)))
     cap = int(forced.get("cap", max(32, _config.pow2_ceil(2 * k_max + 8))))
-    rows = int(forced.get("rows", 1 if n_vec == 1 else 2))
-    vectors = int(forced.get("vectors", 1 if n_vec == 1 else 2))
+    rows = 1 if variant != "list" else int(forced.get("rows", 1))
+    vectors = 1 if variant != "list" else int(forced.get("vectors", 1))
     num_warps = int(forced.get("num_warps", 1))
     progs_per_sm = int(forced.get("progs_per_sm", 32 // num_warps))
     slots = progs_per_sm * _config.num_sms(device)
@@ -257,8 +426,8 @@ def stream_config(d_ins: Sequence[int], ks: Sequence[int], n_vec: int, n_rows: i
     tiles = -(-n_vec // vectors)
     pieces = max(1, min(tiles, -(-4 * slots // tasks)))
     span = int(forced.get("span", vectors * -(-tiles // pieces)))
-    return StreamConfig(rows, vectors, chunk, cap, int(forced.get("bound_steps", 10)), num_warps, span,
-                        progs_per_sm)
+    return StreamConfig(variant, rows, vectors, chunk, cap, int(forced.get("bound_steps", 10)), num_warps, span,
+                        progs_per_sm, int(forced.get("maxnreg", 0)))
 
 
 def stream_eligible(ks: Sequence[int]) -> bool:
@@ -310,19 +479,30 @@ def launch_stream(weights, roots: torch.Tensor, n_starts: Sequence[int], z_start
     key = (cfg, w_base.dtype, str(device))
     per_sm = _OCCUPANCY.get(key, cfg.progs_per_sm)
     nprog = max(1, min(n_items, per_sm * _config.num_sms(device)))
-    scratch = torch.empty(nprog * cfg.rows * cfg.vectors * cfg.cap, dtype=torch.int64, device=device)
     if stats is None:
         stats = slow_path_counter(device)
     tab = lambda vals, dt: _config.device_table(tuple(vals), dt, device)
-    aligned = all(x % 16 == 0 for x in (*w_offs, *n_starts, *d_ins))
-    compiled = _stream_mask_kernel[(nprog,)](
-        w_base, roots, roots, o_base, scratch, stats, lay, row, vec,
-        tab(w_offs, torch.int64), tab(n_starts, torch.int64), tab(z_starts, torch.int64), tab(o_offs, torch.int64),
-        tab(heights, torch.int32), tab(d_ins, torch.int32), tab(ks, torch.int32),
-        n_items, n_vec, n_t, cfg.span,
-        R=cfg.rows, V=cfg.vectors, CH=cfg.chunk, CAP=cfg.cap, BOUND_STEPS=cfg.bound_steps,
-        EVEN=all(d % cfg.chunk == 0 for d in d_ins), ALIGNED=aligned, num_warps=cfg.num_warps,
-    )
+    aligned = all(x % 16 == 0 for x in (*w_offs, *n_starts, *z_starts, *d_ins))
+    tables = (lay, row, vec, tab(w_offs, torch.int64), tab(n_starts, torch.int64), tab(z_starts, torch.int64),
+              tab(o_offs, torch.int64), tab(heights, torch.int32), tab(d_ins, torch.int32), tab(ks, torch.int32))
+    even = all(d % cfg.chunk == 0 for d in d_ins)
+    regs_cap = {"maxnreg": cfg.maxnreg} if cfg.maxnreg and not _config.interpreting() else {}
+    if cfg.variant in ("blocks", "blocks-bisect"):
+        bmx_stride = -(-max(d_ins) // cfg.chunk) * cfg.chunk // 8
+        bmx = torch.empty(nprog * bmx_stride, dtype=torch.float32, device=device)
+        lst = torch.empty(nprog * cfg.cap, dtype=torch.int32, device=device)
+        compiled = _blocks_mask_kernel[(nprog,)](
+            w_base, roots, roots, o_base, bmx, lst, stats, *tables, n_items, n_vec, n_t, cfg.span, bmx_stride,
+            CH=cfg.chunk, CAPB=cfg.cap, BOUND_STEPS=cfg.bound_steps, EVEN=even, ALIGNED=aligned,
+            TWO_LEVEL=cfg.variant == "blocks", num_warps=cfg.num_warps, **regs_cap,
+        )
+    else:
+        scratch = torch.empty(nprog * cfg.rows * cfg.vectors * cfg.cap, dtype=torch.int64, device=device)
+        compiled = _stream_mask_kernel[(nprog,)](
+            w_base, roots, roots, o_base, scratch, stats, *tables, n_items, n_vec, n_t, cfg.span,
+            R=cfg.rows, V=cfg.vectors, CH=cfg.chunk, CAP=cfg.cap, BOUND_STEPS=cfg.bound_steps,
+            EVEN=even, ALIGNED=aligned, num_warps=cfg.num_warps, **regs_cap,
+        )
     regs = getattr(compiled, "n_regs", 0)
     if device.type == "cuda" and regs and key not in _OCCUPANCY and "progs_per_sm" not in _config.stream_forced():
         # as many programs per SM as registers allow, at most 32 blocks and 64 warps
