@@ -1,0 +1,159 @@
+"""The streaming memorized_mask kernels (blocks, blocks-bisect, list) against the reference."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+# see tests/test_triton_backend.py: TRITON_INTERPRET must be set before triton is imported
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    if "triton" in sys.modules:
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set: run with TRITON_INTERPRET=1",
+                    allow_module_level=True)
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton", reason="the triton backend needs the triton package")
+
+import memloc_kernels as mk  # noqa: E402
+from memloc_kernels import reference as ref  # noqa: E402
+from memloc_kernels.triton import _config, mask_stream  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = torch.device("cpu" if INTERPRET else "cuda")
+pytestmark = [
+    pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(), reason="no CUDA device and not interpreting"),
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # the interpreter's int32 wrap-around (bit 31)
+]
+VARIANTS = ["blocks", "blocks-bisect", "list"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def masks(weights, sumsqs, nulls, sparsity, **overrides):
+    """(triton, reference) masks per layer; the triton ones forced onto the streaming kernel."""
+    with _config.mask_overrides(kernel="stream"), _config.stream_overrides(**overrides):
+        got = mk.memorized_masks([w.to(DEVICE) for w in weights], [s.to(DEVICE) for s in sumsqs],
+                                 [n.to(DEVICE) for n in nulls], sparsity, backend="triton")
+    want = [ref.memorized_mask(w, s, n, sparsity) for w, s, n in zip(weights, sumsqs, nulls)]
+    return [mk.unpack_mask(g).cpu() for g in got], want
+
+
+def assert_masks(weights, sumsqs, nulls, sparsity, **overrides):
+    got, want = masks(weights, sumsqs, nulls, sparsity, **overrides)
+    for i, (g, w) in enumerate(zip(got, want)):
+        differ = int((g != w).sum())
+        assert differ == 0, f"layer {i}: {differ} of {w.numel()} mask entries differ from the reference"
+
+
+def slow_count() -> int:
+    return int(mask_stream.slow_path_counter(DEVICE).item())
+
+
+def lognormal(*shape):
+    """Statistics spread like real sums of squares (several octaves)."""
+    return torch.exp(torch.randn(*shape) * 1.5) * 10
+
+
+CASES = [
+    pytest.param((4, 37), (37,), (37,), 0.1, id="d37-single"),
+    pytest.param((1, 100), (100,), (100,), 0.01, id="dout1-k1"),
+    pytest.param((3, 300), (2, 3, 300), (2, 3, 300), 0.02, id="d300-S2T3"),
+    pytest.param((5, 1280), (2, 1280), (1280,), 0.01, id="d1280-S2"),
+    pytest.param((2, 77), (77,), (77,), 1.0, id="sparsity-1"),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("w_shape, s_shape, n_shape, sparsity", CASES)
+def test_identical_to_reference(variant, w_shape, s_shape, n_shape, sparsity):
+    w = (torch.randn(w_shape) * 0.02).half()
+    assert_masks([w], [lognormal(*s_shape)], [lognormal(*n_shape)], sparsity, variant=variant)
+
+
+@pytest.mark.parametrize("warps", [1, 2], ids=["w1", "w2"])
+def test_several_widths_in_one_launch(warps):
+    """Layers of different widths (and k) share one launch: per-layer d_in, k and offsets from tables."""
+    shapes = [(3, 160), (2, 77), (4, 320), (1, 40)]
+    ws = [(torch.randn(s) * 0.02).half() for s in shapes]
+    assert_masks(ws, [lognormal(2, 2, d) for _, d in shapes], [lognormal(d) for _, d in shapes], 0.03,
+                 num_warps=warps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["f16", "bf16", "f32"])
+def test_weight_dtypes(dtype):
+    w = (torch.randn(3, 200) * 3).to(dtype)
+    assert_masks([w], [lognormal(2, 200)], [lognormal(200)], 0.05)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ties_at_the_kth_place_go_to_the_lower_column(variant):
+    """Equal scores straddling the k-th place: rows of equal |W|, a zero row, rounded values."""
+    w = torch.ones(4, 100)
+    w[0, ::3] = -2.0
+    w[1] = 0.0
+    w[2] = torch.randn(100).round()
+    assert_masks([w.half()], [torch.ones(2, 100)], [torch.zeros(100)], 0.05, variant=variant)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_overflow_takes_the_exact_slow_path(variant):
+    """A list of 8 slots cannot hold the candidates: every problem takes the slow path, still exact."""
+    counter = mask_stream.slow_path_counter(DEVICE)
+    counter.zero_()
+    w = (torch.randn(3, 320) * 0.02).half()
+    assert_masks([w], [lognormal(2, 320)], [lognormal(320)], 0.05, variant=variant, cap=8)
+    assert slow_count() > 0, "the overflow never reached the slow path"
+
+
+def test_no_slow_path_on_spread_statistics():
+    """The fast path decides every problem when scores are spread (what the benchmark times)."""
+    counter = mask_stream.slow_path_counter(DEVICE)
+    counter.zero_()
+    w = (torch.randn(6, 2560) * 0.02).half()
+    assert_masks([w], [lognormal(2, 2560)], [lognormal(2560)], 0.01)
+    assert slow_count() == 0
+
+
+def test_zero_rows_zero_statistics_and_null_equal():
+    w = torch.randn(3, 100).half()
+    w[0] = 0
+    s = lognormal(2, 3, 100)
+    s[..., :60] = 0  # many zero scores: ties at 0
+    assert_masks([w], [s], [torch.zeros(2, 3, 100)], 0.3)
+    same = lognormal(2, 100)
+    got, _ = masks([w], [same], [same.clone()], 0.05)
+    assert not bool(got[0].any()), "sumsq equal to null_sumsq must select nothing"
+
+
+def test_union_over_timesteps_with_short_spans():
+    """Vectors split into spans of one: programs share a subset's words through atomic OR."""
+    w = (torch.randn(3, 256) * 0.02).half()
+    assert_masks([w], [lognormal(2, 5, 256)], [lognormal(2, 5, 256)], 0.02, span=1, progs_per_sm=1)
+
+
+def test_or_into_existing_words():
+    w = (torch.randn(3, 100) * 0.02).half()
+    s, n = lognormal(2, 2, 100), lognormal(2, 2, 100)
+    start = torch.rand(2, 3, 100) < 0.2
+    out = mk.pack_mask(start.to(DEVICE))
+    with _config.mask_overrides(kernel="stream"):
+        mk.memorized_mask(w.to(DEVICE), s.to(DEVICE), n.to(DEVICE), 0.05, packed=True, out=out, backend="triton")
+    assert torch.equal(mk.unpack_mask(out).cpu(), start | ref.memorized_mask(w, s, n, 0.05))
+
+
+def test_config_keeps_k_strided_groups_and_room_for_2k():
+    cfg = mask_stream.stream_config([5120], [51], 1, 1280, DEVICE)
+    assert cfg.chunk >= 51 and cfg.cap >= 2 * 51
+    wide_k = mask_stream.stream_config([400], [120], 1, 8, DEVICE)
+    assert wide_k.chunk >= 120 and wide_k.cap >= 240
+    assert not mask_stream.stream_eligible([129]) and mask_stream.stream_eligible([128])
+
+
+def test_overrides_reject_unknown_fields():
+    with pytest.raises(ValueError, match="unknown StreamConfig"), _config.stream_overrides(colour=1):
+        pass
