@@ -200,31 +200,6 @@ def mask_batched(mk, s=100, t=10, sparsity=0.01):
 
 
 @guarded("memorized_mask tuning sweep")
-def mask_sweep(mk, variants):
-    """A few launch settings of the triton kernel (for the heuristic in _config.py)."""
-    from memloc_kernels.triton import _config
-
-    if "triton" not in providers(mk, "memorized_mask"):
-        return
-    single = layer_stats(SD15, ())
-    batched = layer_stats(SD15, (20, 10))
-    for over in variants:
-        if left() < 30:
-            break
-        tag = "triton[" + ",".join(f"{k}={v}" for k, v in over.items()) + "]"
-        with _config.mask_overrides(**over):
-            if not verify_masks(mk, "triton", *single, 0.01, f"sweep {tag}"):
-                continue
-            for (weights, sumsqs, nulls), per, graph in ((single, 1, True), (batched, 200, False)):
-                lead = sumsqs[0].shape[:-1]
-                outs = [mk.PackedMask(torch.zeros(*lead[:1], w.shape[0], mk.n_words(w.shape[1]),
-                                                  dtype=torch.int32, device=DEVICE), w.shape[1]) for w in weights]
-                fn = functools.partial(mk.memorized_masks, weights, sumsqs, nulls, 0.01, outs=outs,
-                                       check_finite=False, backend="triton")
-                ms, timing = bench(fn, graph=graph, rep=60)
-                record("memorized_mask sweep", f"sd15 x{per}", torch.float16, tag, ms, per=per, timing=timing)
-
-
 @guarded("mask_iou")
 def iou(mk, n=1000):
     words_per_mask = sum(o * i for o, i in SD15) // 32
@@ -404,8 +379,8 @@ def main() -> int:
     apply_restore(mk, copy_gbps)
     statistics(mk)
     unet_forward(mk)
-    mask_sweep(mk, [{"fallback": "deferred"}, {"fallback": "deferred", "maxnreg": 168}, {"chunk": 4},
-                    {"chunk": 16}, {"vec": 1}, {"progs_per_sm": 2}, {"progs_per_sm": 8}, {"num_warps": 8}])
+    # the tile kernel's launch sweep (its 2026-11-29 rows) moved to history; the streaming kernel's
+    # settings are swept by benchmarks/bench_mask_stream.py
     write_csv()
     print_table()
     return 0

@@ -383,6 +383,10 @@ def _blocks_mask_kernel(
             tl.debug_barrier()  # scratch read by all threads before the next vector overwrites it
 
 
+#: Register cap of the one-warp blocks kernel (see stream_config).
+MAXNREG = 128
+
+
 @dataclasses.dataclass(frozen=True)
 class StreamConfig:
     """``variant``: ``"blocks"`` (pass 2 gathers the 8-column blocks that can hold a winner) or
@@ -426,8 +430,11 @@ def stream_config(d_ins: Sequence[int], ks: Sequence[int], n_vec: int, n_rows: i
     tiles = -(-n_vec // vectors)
     pieces = max(1, min(tiles, -(-4 * slots // tasks)))
     span = int(forced.get("span", vectors * -(-tiles // pieces)))
+    # the blocks variant compiles to ~210 registers (the gathered tile's loads in flight); capping
+    # at 128 doubles the programs per SM without spilling (H200 sweep: 218 -> 143 us, BENCHMARKS.md)
+    maxnreg = int(forced.get("maxnreg", MAXNREG if variant == "blocks" and num_warps == 1 else 0))
     return StreamConfig(variant, rows, vectors, chunk, cap, int(forced.get("bound_steps", 10)), num_warps, span,
-                        progs_per_sm, int(forced.get("maxnreg", 0)))
+                        progs_per_sm, maxnreg)
 
 
 def stream_eligible(ks: Sequence[int]) -> bool:
@@ -516,6 +523,9 @@ _COUNTERS: dict[str, torch.Tensor] = {}
 def slow_path_counter(device: torch.device) -> torch.Tensor:
     """int32 ``[1]`` on ``device``: how many (row, vector) problems took the slow exact path so far
     (all launches that were not given their own ``stats``; benchmarks read and reset it)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # "cuda" and "cuda:0" share one counter
     key = str(device)
     if key not in _COUNTERS:
         _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
