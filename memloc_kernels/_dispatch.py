@@ -22,17 +22,19 @@ import torch
 BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
 
 # Per op and device type, the order in which "auto" tries backends. For CUDA tensors this is the
-# ranking measured on an H200 on 2026-11-29 (BENCHMARKS.md, "GPU backends side by side"):
-#   memorized_mask  SD1.5 x1: cuda 186 us, triton 420 us; batched: cuda 147, triton 270 us/vector
-#   mask_iou (mask_intersections) 1000 SD1.5 masks: cuda 0.24 s, triton 0.65 s
-#   apply_mask / restore 76800x5120 at 1 %: cuda 311 / 280 us, triton 2204 / 1375 us
+# ranking measured on an H200 (BENCHMARKS.md, "GPU backends side by side"):
+#   memorized_mask  SD1.5 x1: triton 142 us, cuda 184 us; batched: triton 117, cuda 148 us/vector;
+#                   SDXL x1: triton 995, cuda 1446 us (streaming kernel, commit ca025f5)
+#   mask_iou (mask_intersections) 1000 SD1.5 masks: cuda 0.24 s, triton 0.65 s (popcount kernel)
+#   apply_mask / restore 76800x5120 at 1 %: cuda 293 / 264 us, triton 2135 / 1324 us (scan kernel)
 #   accumulate_sumsq 32x4096x1280: triton 142 us, cuda 172 us
 #   geglu_sumsq: triton only (cuda has no kernel)
 # Ops not listed (pack/unpack, wanda_scores) were not measured and use the default order.
 _CUDA_FIRST = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+_TRITON_FIRST = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
 AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
-    "default": {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")},
-    "memorized_mask": _CUDA_FIRST,
+    "default": _TRITON_FIRST,
+    "memorized_mask": _TRITON_FIRST,
     "mask_intersections": _CUDA_FIRST,
     "mask_popcount": _CUDA_FIRST,
     "apply_mask": _CUDA_FIRST,

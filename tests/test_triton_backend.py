@@ -310,13 +310,16 @@ NAN_WITH_PAYLOAD = {torch.float16: 0x7E01, torch.bfloat16: 0x7FC1, torch.float32
                     torch.float64: 0x7FF8000000000001}
 
 
+@pytest.mark.parametrize("d_in", [70, 1100], ids=["d70", "d1100-several-word-steps"])
 @pytest.mark.parametrize("dtype", list(SIGNED), ids=["f16", "bf16", "f32", "f64"])
-def test_apply_and_restore_keep_exact_bits(dtype):
-    w = torch.randn(5, 70).to(dtype)
+def test_apply_and_restore_keep_exact_bits(dtype, d_in):
+    w = torch.randn(5, d_in).to(dtype)
     w[0, 0] = -0.0
     w.view(SIGNED[dtype])[0, 2] = NAN_WITH_PAYLOAD[dtype]
-    mask = torch.rand(5, 70) < 0.3
+    mask = torch.rand(5, d_in) < 0.3
     mask[0, :3] = True
+    mask[1, 32:64] = True  # a full word (bit 31 set)
+    mask[2, -5:] = True  # the last, partial word
     mask[4] = False  # a row with nothing removed
     original = w.clone()
     dev_w = on(w.clone())
@@ -345,3 +348,19 @@ def test_density_and_iou_match_reference(n, shape):
         masks[2] = True
     assert_same(mk.mask_density(on(masks), backend=TR).cpu(), ref.mask_density(masks), "density")
     assert_same(mk.mask_iou(on(masks), backend=TR).cpu(), ref.mask_iou(masks), "iou")
+
+
+@pytest.mark.parametrize("kernel", ["dot", "popcount"])
+def test_intersections_kernels_count_every_shared_bit(kernel, monkeypatch):
+    """Both intersection kernels (int8 tensor-core dot, CUDA-core popcount) against a direct count,
+    with several tiles of masks, a K split, full words (bit 31) and empty rows."""
+    from memloc_kernels.triton import iou
+
+    monkeypatch.setattr(iou, "IOU_KERNEL", kernel)
+    bits = torch.rand(37, 40 * 32) < 0.3
+    bits[3] = True
+    bits[5] = False
+    words = mk.pack_mask(bits).words.view(37, -1)
+    got = iou.mask_intersections_triton(on(words)).cpu()
+    want = (bits.to(torch.int64) @ bits.to(torch.int64).T)
+    assert_same(got, want, f"{kernel} intersections")

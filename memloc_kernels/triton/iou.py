@@ -75,6 +75,46 @@ def _intersections_kernel(words_ptr, out_ptr, pair_ptr, n, n_words, chunk,
         tl.atomic_add(out_ptr + rb.to(tl.int64)[None, :] * n + ra[:, None], total, mask=on, sem="relaxed")
 
 
+@triton.jit
+def _intersections_dot_kernel(words_ptr, out_ptr, pair_ptr, n, n_words, chunk,
+                              BM: tl.constexpr, KW: tl.constexpr):
+    """The same counts on the tensor cores: bits unpacked to int8 0/1 and multiplied (A @ B^T).
+
+    ``popc(a & b)`` summed over words is the dot product of the two masks' bit vectors, so each
+    K step unpacks ``KW`` words (32 * KW bits) of the BM rows of both tiles into int8 and runs an
+    int8 x int8 -> int32 ``tl.dot``. The bit order inside the step is the same for A and B, which
+    is all a dot product needs. Tiles and atomics as in ``_intersections_kernel``.
+    """
+    pair = tl.program_id(0)
+    ks = tl.program_id(1)
+    bi = tl.load(pair_ptr + 2 * pair)
+    bj = tl.load(pair_ptr + 2 * pair + 1)
+    ra = bi * BM + tl.arange(0, BM)
+    rb = bj * BM + tl.arange(0, BM)
+    k0 = ks.to(tl.int64) * chunk
+    k1 = tl.minimum(k0 + chunk, n_words)
+    pa = words_ptr + tl.minimum(ra, n - 1).to(tl.int64) * n_words
+    pb = words_ptr + tl.minimum(rb, n - 1).to(tl.int64) * n_words
+    shifts = tl.arange(0, 32)
+    acc = tl.zeros([BM, BM], dtype=tl.int32)
+    for j in range(k0, k1, KW):
+        kw = j + tl.arange(0, KW)
+        a = tl.load(pa[:, None] + kw[None, :], mask=(kw < k1)[None, :], other=0)
+        b = tl.load(pb[:, None] + kw[None, :], mask=(kw < k1)[None, :], other=0)
+        a8 = tl.reshape(((a[:, :, None] >> shifts[None, None, :]) & 1).to(tl.int8), [BM, KW * 32])
+        b8 = tl.reshape(((b[:, :, None] >> shifts[None, None, :]) & 1).to(tl.int8), [BM, KW * 32])
+        acc = tl.dot(a8, tl.trans(b8), acc, out_dtype=tl.int32)
+    total = acc.to(tl.int64)
+    on = (ra < n)[:, None] & (rb < n)[None, :]
+    tl.atomic_add(out_ptr + ra.to(tl.int64)[:, None] * n + rb[None, :], total, mask=on, sem="relaxed")
+    if bi != bj:
+        tl.atomic_add(out_ptr + rb.to(tl.int64)[None, :] * n + ra[:, None], total, mask=on, sem="relaxed")
+
+
+#: Which intersections kernel runs: "dot" (tensor cores, int8) or "popcount" (CUDA cores).
+IOU_KERNEL = "dot"
+
+
 def mask_intersections_triton(words: torch.Tensor) -> torch.Tensor:
     """``out[a, b] = popcount(words[a] & words[b])`` for ``words`` ``[N, W]`` int32 -> ``[N, N]`` int64.
 
@@ -85,7 +125,11 @@ def mask_intersections_triton(words: torch.Tensor) -> torch.Tensor:
     n, w = words.shape
     if w == 0:
         return torch.zeros(n, n, dtype=torch.int64, device=words.device)
-    bm, bk = (32, 8) if words.is_cuda else (16, 4)
+    dot = IOU_KERNEL == "dot"
+    if dot:  # tiles of 128 masks on the GPU (16 under the interpreter), 4 words = 128 bits per K step
+        bm, bk = (128, 4) if words.is_cuda else (16, 1)
+    else:
+        bm, bk = (32, 8) if words.is_cuda else (16, 4)
     tiles = -(-n // bm)
     pairs = [(i, j) for i in range(tiles) for j in range(i, tiles)]
     target = 4 * _config.num_sms(words.device)
@@ -96,6 +140,9 @@ def mask_intersections_triton(words: torch.Tensor) -> torch.Tensor:
     split = -(-w // chunk)
     out = torch.zeros(n, n, dtype=torch.int64, device=words.device)
     table = _config.device_table(tuple(x for p in pairs for x in p), torch.int32, words.device)
-    _intersections_kernel[(len(pairs), split)](words, out, table, n, w, chunk, BM=bm, BK=bk, HW=words.is_cuda,
-                                               num_warps=4)
+    if dot:
+        _intersections_dot_kernel[(len(pairs), split)](words, out, table, n, w, chunk, BM=bm, KW=bk, num_warps=8)
+    else:
+        _intersections_kernel[(len(pairs), split)](words, out, table, n, w, chunk, BM=bm, BK=bk,
+                                                   HW=words.is_cuda, num_warps=4)
     return out

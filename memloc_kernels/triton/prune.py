@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._bits import popcount32
 from .iou import mask_popcount_triton
 
 _INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -13,9 +14,10 @@ _INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 @triton.jit
 def _prune_kernel(w_ptr, words_ptr, removed_ptr, start_ptr, d_out, d_in, n_words,
-                  BR: tl.constexpr, BC: tl.constexpr, RESTORE: tl.constexpr):
-    """Rows ``[BR]``: walk the columns in blocks; the set bits' running rank gives each removed
-    value's slot (``start[row]`` + rank). Apply: copy W there, then zero W. Restore: copy back.
+                  BR: tl.constexpr, BW: tl.constexpr, RESTORE: tl.constexpr, HW: tl.constexpr):
+    """Rows ``[BR]``, ``BW`` mask words per step: a removed value's slot is ``start[row]`` + the set
+    bits of the row's earlier words (a short scan over words) + the set bits below it in its own
+    word (one popcount): no scan over columns. Apply: copy W there, then zero W. Restore: copy back.
 
     W is moved as integers of its width, so every bit pattern (signed zeros, NaN payloads) is
     kept. Only the masked elements of W are read or written.
@@ -24,21 +26,25 @@ def _prune_kernel(w_ptr, words_ptr, removed_ptr, start_ptr, d_out, d_in, n_words
     row_on = rows < d_out
     r64 = rows.to(tl.int64)
     slot = tl.load(start_ptr + rows, mask=row_on, other=0)  # int64 running slot per row
-    for c0 in range(0, d_in, BC):
-        cols = c0 + tl.arange(0, BC)
-        on = row_on[:, None] & (cols < d_in)[None, :]
-        word = tl.load(words_ptr + r64[:, None] * n_words + (cols >> 5)[None, :], mask=on, other=0)
-        bit = ((word >> (cols & 31)[None, :]) & 1) != 0
-        bit = bit & on
-        rank = tl.cumsum(bit.to(tl.int32), axis=1) - 1
-        dst = removed_ptr + slot[:, None] + rank
-        src = w_ptr + r64[:, None] * d_in + cols[None, :]
+    j = tl.arange(0, 32)
+    below = (1 << j) - 1  # bits under bit j (j = 31: 0x7FFFFFFF after the int32 wrap)
+    for w0 in range(0, n_words, BW):
+        wi = w0 + tl.arange(0, BW)
+        on = row_on[:, None] & (wi < n_words)[None, :]
+        word = tl.load(words_ptr + r64[:, None] * n_words + wi[None, :], mask=on, other=0)  # [BR, BW]
+        count = popcount32(word, HW)
+        before = tl.cumsum(count, axis=1) - count  # set bits in the row's earlier words of this step
+        cols = wi[None, :, None] * 32 + j[None, None, :]  # [1, BW, 32]
+        bit = (((word[:, :, None] >> j[None, None, :]) & 1) != 0) & (cols < d_in)
+        rank = before[:, :, None] + popcount32(word[:, :, None] & below[None, None, :], HW)
+        dst = removed_ptr + slot[:, None, None] + rank
+        src = w_ptr + r64[:, None, None] * d_in + cols
         if RESTORE:
             tl.store(src, tl.load(dst, mask=bit), mask=bit)
         else:
             tl.store(dst, tl.load(src, mask=bit), mask=bit)
-            tl.store(src, tl.zeros([BR, BC], dtype=w_ptr.dtype.element_ty), mask=bit)
-        slot += tl.sum(bit.to(tl.int64), axis=1)
+            tl.store(src, tl.zeros([BR, BW, 32], dtype=w_ptr.dtype.element_ty), mask=bit)
+        slot += tl.sum(count, axis=1).to(tl.int64)
 
 
 def _starts(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,9 +57,10 @@ def _launch(weight: torch.Tensor, words: torch.Tensor, removed: torch.Tensor, st
             restore: bool) -> None:
     d_out, d_in = weight.shape
     ints = _INT_VIEW[weight.element_size()]
-    br, bc = 4, 512
+    br, bw = 4, 16
     _prune_kernel[(triton.cdiv(d_out, br),)](weight.view(ints), words, removed.view(ints), starts, d_out, d_in,
-                                             words.shape[1], BR=br, BC=bc, RESTORE=restore, num_warps=4)
+                                             words.shape[1], BR=br, BW=bw, RESTORE=restore, HW=weight.is_cuda,
+                                             num_warps=4)
 
 
 def apply_mask_triton(weight: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
