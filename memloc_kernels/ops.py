@@ -357,7 +357,8 @@ def mask_density(masks: torch.Tensor | PackedMask, *, backend: str = "auto") -> 
     if words.shape[0] == 0 or per_row == 0:
         return torch.full(tuple(lead), float("nan"), dtype=torch.float64, device=words.device)
     counts = select("mask_popcount", backend, words.device).mask_popcount(words)
-    return (counts.to(torch.float64) / per_row).reshape(tuple(lead))
+    # a tensor divisor: CUDA divides by a Python scalar as a multiply by its reciprocal (1 ulp off)
+    return (counts.to(torch.float64) / torch.full_like(counts, per_row, dtype=torch.float64)).reshape(tuple(lead))
 
 
 def mask_iou(

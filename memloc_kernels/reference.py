@@ -178,8 +178,12 @@ def restore(weight: torch.Tensor, mask: torch.Tensor, removed: torch.Tensor) -> 
 
 
 def mask_density(mask: torch.Tensor) -> torch.Tensor:
-    """Fraction of set entries over the last two dims (``[..., d_out, d_in]`` gives ``[...]``), float64."""
-    return mask.to(torch.float64).mean(dim=(-2, -1))
+    """Fraction of set entries over the last two dims (``[..., d_out, d_in]`` gives ``[...]``), float64.
+
+    The exact count divided once (correctly rounded): ``mean`` may round differently per device.
+    """
+    count = mask.sum(dim=(-2, -1), dtype=torch.float64)  # integers below 2**53: exact
+    return count / (mask.shape[-2] * mask.shape[-1])
 
 
 def mask_iou(masks: torch.Tensor, empty_value: float = float("nan")) -> torch.Tensor:

@@ -10,6 +10,8 @@ from ._bits import popcount32
 from .iou import mask_popcount_triton
 
 _INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+#: (rows, mask words, warps) per program step; H200 sweep in BENCHMARKS.md.
+TILE = (4, 16, 4)
 
 
 @triton.jit
@@ -57,10 +59,10 @@ def _launch(weight: torch.Tensor, words: torch.Tensor, removed: torch.Tensor, st
             restore: bool) -> None:
     d_out, d_in = weight.shape
     ints = _INT_VIEW[weight.element_size()]
-    br, bw = 4, 16
+    br, bw, warps = TILE
     _prune_kernel[(triton.cdiv(d_out, br),)](weight.view(ints), words, removed.view(ints), starts, d_out, d_in,
                                              words.shape[1], BR=br, BW=bw, RESTORE=restore, HW=weight.is_cuda,
-                                             num_warps=4)
+                                             num_warps=warps)
 
 
 def apply_mask_triton(weight: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
