@@ -1,30 +1,31 @@
-"""memorized_mask, streaming variant: small programs stream each row twice, exact top-k from a short list.
+"""memorized_mask, streaming kernels: one-warp programs stream each row; exact top-k from a short list.
 
-Why a second kernel: the tile kernel (``mask.py``) holds a whole row in registers, so an SM holds
-only 8-12 warps and each row is a long chain of block barriers (docs/TRITON_MASK_NOTES.md). Here a
-program is one or two warps and never holds a row: it streams the row in chunks of ``CH`` columns,
-so it needs few registers, many programs share an SM, and every reduction is within a warp or two.
+Why not the tile kernel (``mask.py``): it holds a whole row in registers, so an SM holds only 8-12
+warps and each row is a long chain of block barriers (docs/TRITON_MASK_NOTES.md). Here a program
+is one warp that streams the row in chunks, so every reduction is a warp shuffle and the register
+count (capped at 128) lets 16 programs share an SM. Every layer of a launch shares one kernel:
+d_in, k and the offsets come from small tables; work items are ordered widest rows first.
 
-Per work item (``R`` rows of one layer x ``V`` statistics vectors = ``M`` selection problems):
-  1. pass 1: scores ``|W| * norm`` chunk by chunk; ``gmax[m, j]`` = the largest score among columns
-     ``j, j + CH, j + 2 CH, ...`` (``CH`` strided groups, at least k of them hold a real column);
-  2. bound: a few bisection steps on the float bits of ``gmax`` give ``lo`` with at least k group
-     maxima >= lo, hence at least k scores >= lo (each group maximum is a distinct score); scores
-     are >= 0, so their int32 bit patterns order like the floats;
-  3. pass 2: the same scores again (same operations: bit-identical), and every score >= lo is
-     appended, as ``(bits << 32) | column``, to a per-program list of ``CAP`` slots: the slot is a
-     running count plus a cumsum within the chunk, so the list is in column order;
-  4. exact selection on the list: bisection on the bits until exactly k are >= the lower end, or
-     until the lower end is the k-th largest value; equal values at the k-th place are taken in
-     list order, i.e. lower column first (the reference's tie rule);
-  5. the null comparison for the selected entries only (gathering |W| and the null norm, computed
-     exactly as the reference does), and their bits OR-ed into the packed words with ``atomic_or``
-     (order-free, so deterministic; the union over timesteps needs no state).
-A problem whose list overflows (more than ``CAP`` scores >= lo: many equal scores, e.g. a zero
-row) takes an exact streaming path in the same program: bisection over the whole row, one pass
-per step (slow, rare, few registers), counted in ``stats[0]`` so benchmarks can report it.
-Every layer of a launch shares one kernel: d_in, k and the offsets come from small tables, and
-work items are ordered widest rows first so that the persistent grid ends evenly.
+Default, ``_blocks_mask_kernel`` (variant "blocks"), per (row, statistics vector):
+  1. pass 1: scores ``|W| * norm`` chunk by chunk; ``gmax[j]`` = the largest score among columns
+     ``j, j + CH, ...`` (CH >= k strided groups), and the maximum of every aligned 8-column block,
+     stored to the program's scratch;
+  2. bound: a few bisection steps on the float bits of ``gmax`` give ``lo`` with >= k group maxima
+     >= lo, hence >= k scores >= lo (scores are >= 0, so their int32 bit patterns order like the
+     floats);
+  3. the blocks whose maximum reaches lo (~k of them) are listed in column order and gathered as a
+     ``[CAPB, 8]`` tile, the scores recomputed with the same operations (bit-identical);
+  4. exact selection: the k-th largest block maximum (bisection over the listed blocks), then the
+     smallest scores dropped one distinct value at a time while >= k remain; equal scores at the
+     k-th place go to the lower column (a cumsum over the tile, which is in column order);
+  5. the null comparison for the selected entries, and one ``atomic_or`` per block (a block lies
+     in one mask word; OR is order-free, so deterministic, and unions over timesteps for free).
+Variant "list" (``_stream_mask_kernel``): pass 2 streams the whole row again and appends every
+score >= lo to a list in column order, then bisects on the list. Slower on the H200 (196 vs 143
+us for SD1.5): Triton lays the masked scatter out one element per lane, so its scan is costly.
+A problem that overflows its list or tile (many equal scores >= the bound, e.g. a zero row) takes
+an exact streaming path in the same program (``_stream_exact``: bisection over the whole row, one
+pass per step), counted in ``stats[0]`` so that benchmarks and tests can see it.
 """
 
 from __future__ import annotations
