@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(
 # - "measurably less" after pruning: the held-out near-copy rate falls by RATE_DROP or the mean RMSE
 #   to the training photo rises by RMSE_RISE; pruning as many random weights must not pass this;
 # - generic all-attribute accuracy may fall by at most QUALITY_MARGIN. At the demo's defaults pruning
-#   costs about 0.24 of it (docs/DEMO.md: the full CPU run, 0.865 -> 0.625), more than the 0.15 the
+#   costs about 0.18 of it (docs/DEMO.md: the full CPU run, 0.969 -> 0.792), more than the 0.15 the
 #   demo's verdict allows, so this is a guard against worse damage, not a claim that quality is kept;
 # - on the localization half itself, at most IN_SAMPLE_FRACTION of the near copies may remain.
 COPY_GAP = 0.15
