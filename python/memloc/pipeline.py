@@ -209,7 +209,13 @@ def load_pipeline(
         raise
     except Exception as exc:  # diffusers raises OSError/ValueError/KeyError/... for malformed folders
         raise _load_error(source, exc) from None
-    pipe.to(dev)
+    if dev.type == "cpu" and torch_dtype == torch.float16:
+        # diffusers warns that fp16 cannot run on the CPU; here it only has to hold the weights
+        # (prune keeps a checkpoint's stored dtype), and code that generates asks for float32
+        with quiet_libraries():
+            pipe.to(dev)
+    else:
+        pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
     pipe.memloc_source = source
     return pipe
