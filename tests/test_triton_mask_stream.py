@@ -75,6 +75,14 @@ def test_identical_to_reference(variant, w_shape, s_shape, n_shape, sparsity):
     assert_masks([w], [lognormal(*s_shape)], [lognormal(*n_shape)], sparsity, variant=variant)
 
 
+@pytest.mark.parametrize("depth", [1, 2], ids=["ahead1", "ahead2"])
+@pytest.mark.parametrize("w_shape, s_shape, n_shape, sparsity", CASES)
+def test_prefetching_pass_one_changes_nothing(w_shape, s_shape, n_shape, sparsity, depth):
+    """The blocks kernel with pass 1's loads issued 1 or 2 chunks ahead (incl. partial chunks)."""
+    w = (torch.randn(w_shape) * 0.02).half()
+    assert_masks([w], [lognormal(*s_shape)], [lognormal(*n_shape)], sparsity, prefetch=depth)
+
+
 @pytest.mark.parametrize("warps", [1, 2], ids=["w1", "w2"])
 def test_several_widths_in_one_launch(warps):
     """Layers of different widths (and k) share one launch: per-layer d_in, k and offsets from tables."""

@@ -231,7 +231,7 @@ def _blocks_mask_kernel(
     lay_w_ptr, lay_n_ptr, lay_z_ptr, lay_o_ptr, lay_dout_ptr, lay_din_ptr, lay_k_ptr,
     n_items, n_vec, n_t, vec_span, bmx_stride,
     CH: tl.constexpr, CAPB: tl.constexpr, BOUND_STEPS: tl.constexpr, EVEN: tl.constexpr, ALIGNED: tl.constexpr,
-    TWO_LEVEL: tl.constexpr,
+    TWO_LEVEL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """One (row, vector) at a time; pass 2 reads back only the 8-column blocks that can hold a winner.
 
@@ -276,16 +276,45 @@ def _blocks_mask_kernel(
             n_row = n_ptr + n_off + v * d_in
             # 1. strided group maxima (the bound) and 8-column block maxima (to scratch)
             gmax = tl.full([CH], -1.0, tl.float32)
-            for c0 in range(0, d_in, CH):
-                c = c0 + cols
-                if EVEN:
-                    s = tl.abs(tl.load(w_row + c).to(tl.float32)) * tl.load(n_row + c)
-                else:
-                    s = tl.abs(tl.load(w_row + c, mask=c < d_in, other=0.0).to(tl.float32)) * tl.load(
-                        n_row + c, mask=c < d_in, other=0.0)
-                    s = tl.where(c < d_in, s, -1.0)
-                gmax = tl.maximum(gmax, s)
-                tl.store(bmx + c0 // 8 + bidx, tl.max(tl.reshape(s, [NB, 8]), axis=1))
+            if PREFETCH > 0:
+                # the loads of the next PREFETCH chunks are issued before this chunk's arithmetic,
+                # so a program keeps PREFETCH + 1 memory round trips in flight
+                wv = tl.load(w_row + cols, mask=cols < d_in, other=0.0)
+                nv = tl.load(n_row + cols, mask=cols < d_in, other=0.0)
+                w1 = wv
+                n1 = nv
+                if PREFETCH > 1:
+                    w1 = tl.load(w_row + CH + cols, mask=CH + cols < d_in, other=0.0)
+                    n1 = tl.load(n_row + CH + cols, mask=CH + cols < d_in, other=0.0)
+                for c0 in range(0, d_in, CH):
+                    c = c0 + cols
+                    ahead = c + PREFETCH * CH
+                    wn = tl.load(w_row + ahead, mask=ahead < d_in, other=0.0)
+                    nn = tl.load(n_row + ahead, mask=ahead < d_in, other=0.0)
+                    s = tl.abs(wv.to(tl.float32)) * nv
+                    if not EVEN:
+                        s = tl.where(c < d_in, s, -1.0)
+                    gmax = tl.maximum(gmax, s)
+                    tl.store(bmx + c0 // 8 + bidx, tl.max(tl.reshape(s, [NB, 8]), axis=1))
+                    if PREFETCH > 1:
+                        wv = w1
+                        nv = n1
+                        w1 = wn
+                        n1 = nn
+                    else:
+                        wv = wn
+                        nv = nn
+            else:
+                for c0 in range(0, d_in, CH):
+                    c = c0 + cols
+                    if EVEN:
+                        s = tl.abs(tl.load(w_row + c).to(tl.float32)) * tl.load(n_row + c)
+                    else:
+                        s = tl.abs(tl.load(w_row + c, mask=c < d_in, other=0.0).to(tl.float32)) * tl.load(
+                            n_row + c, mask=c < d_in, other=0.0)
+                        s = tl.where(c < d_in, s, -1.0)
+                    gmax = tl.maximum(gmax, s)
+                    tl.store(bmx + c0 // 8 + bidx, tl.max(tl.reshape(s, [NB, 8]), axis=1))
             # 2. a lower bound reached by >= k group maxima (start 8 octaves below the top)
             gb = gmax.to(tl.int32, bitcast=True)
             top = tl.max(gb, axis=0)
@@ -397,7 +426,9 @@ class StreamConfig:
     ``vectors`` selection problems per step (list variant; blocks: 1 x 1); ``chunk`` columns per
     streamed step (also the number of strided bound groups); ``cap`` list slots (list) or gathered
     blocks (blocks) per problem; ``bound_steps`` bisection steps for the bound; ``span`` vectors per
-    work item (batched statistics are split so that there are enough items)."""
+    work item (batched statistics are split so that there are enough items); ``maxnreg`` a
+    register cap (0: none); ``prefetch`` (blocks variants): issue the loads of pass 1's next
+    ``prefetch`` chunks (0, 1 or 2) before the current chunk's arithmetic."""
 
     variant: str
     rows: int
@@ -409,6 +440,7 @@ class StreamConfig:
     span: int
     progs_per_sm: int
     maxnreg: int = 0
+    prefetch: int = 0
 
 
 def stream_config(d_ins: Sequence[int], ks: Sequence[int], n_vec: int, n_rows: int,
@@ -434,8 +466,10 @@ def stream_config(d_ins: Sequence[int], ks: Sequence[int], n_vec: int, n_rows: i
     # the blocks variant compiles to ~210 registers (the gathered tile's loads in flight); capping
     # at 128 doubles the programs per SM without spilling (H200 sweep: 218 -> 143 us, BENCHMARKS.md)
     maxnreg = int(forced.get("maxnreg", MAXNREG if variant == "blocks" and num_warps == 1 else 0))
+    # prefetching pass 1 one chunk ahead is not measured yet on a GPU, so it is off by default
+    prefetch = int(forced.get("prefetch", 0))
     return StreamConfig(variant, rows, vectors, chunk, cap, int(forced.get("bound_steps", 10)), num_warps, span,
-                        progs_per_sm, maxnreg)
+                        progs_per_sm, maxnreg, prefetch)
 
 
 def stream_eligible(ks: Sequence[int]) -> bool:
@@ -502,7 +536,7 @@ def launch_stream(weights, roots: torch.Tensor, n_starts: Sequence[int], z_start
         compiled = _blocks_mask_kernel[(nprog,)](
             w_base, roots, roots, o_base, bmx, lst, stats, *tables, n_items, n_vec, n_t, cfg.span, bmx_stride,
             CH=cfg.chunk, CAPB=cfg.cap, BOUND_STEPS=cfg.bound_steps, EVEN=even, ALIGNED=aligned,
-            TWO_LEVEL=cfg.variant == "blocks", num_warps=cfg.num_warps, **regs_cap,
+            TWO_LEVEL=cfg.variant == "blocks", PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, **regs_cap,
         )
     else:
         scratch = torch.empty(nprog * cfg.rows * cfg.vectors * cfg.cap, dtype=torch.int64, device=device)
