@@ -364,3 +364,15 @@ def test_intersections_kernels_count_every_shared_bit(kernel, monkeypatch):
     got = iou.mask_intersections_triton(on(words)).cpu()
     want = (bits.to(torch.int64) @ bits.to(torch.int64).T)
     assert_same(got, want, f"{kernel} intersections")
+
+
+@pytest.mark.parametrize("n, w", [(37, 5), (130, 40), (3, 3000), (1, 1)], ids=["short-rows", "rows-x40", "long-split",
+                                                                                "one-word"])
+def test_popcount_per_row(n, w):
+    """Several short rows per program, long rows split into pieces: every set bit counted once."""
+    from memloc_kernels.triton import iou
+
+    words = torch.randint(-(2**31), 2**31 - 1, (n, w), dtype=torch.int64).to(torch.int32)
+    words[0] = -1  # every bit, bit 31 included
+    bits = (words.to(torch.int64)[..., None] >> torch.arange(32)) & 1
+    assert_same(iou.mask_popcount_triton(on(words)).cpu(), bits.sum(dim=(1, 2)), "popcount")

@@ -11,32 +11,41 @@ from ._bits import popcount32
 
 
 @triton.jit
-def _popcount_kernel(words_ptr, part_ptr, n_words, chunk, n_split, BLOCK: tl.constexpr, HW: tl.constexpr):
-    """``part[row, split]`` = set bits of ``words[row, split * chunk : (split + 1) * chunk]``."""
-    row = tl.program_id(0).to(tl.int64)
+def _popcount_kernel(words_ptr, part_ptr, n, n_words, chunk, n_split,
+                     BR: tl.constexpr, BLOCK: tl.constexpr, HW: tl.constexpr):
+    """``part[row, split]`` = set bits of ``words[row, split * chunk : (split + 1) * chunk]`` for
+    ``BR`` rows per program (short rows, e.g. a layer's mask rows, share one program)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    r64 = tl.minimum(rows, n - 1).to(tl.int64)
     split = tl.program_id(1)
     offs = tl.arange(0, BLOCK)
     start = split.to(tl.int64) * chunk
     stop = tl.minimum(start + chunk, n_words)
-    total = tl.zeros([BLOCK], dtype=tl.int32)
+    total = tl.zeros([BR, BLOCK], dtype=tl.int32)
     for j in range(start, stop, BLOCK):
-        w = tl.load(words_ptr + row * n_words + j + offs, mask=j + offs < stop, other=0)
+        w = tl.load(words_ptr + r64[:, None] * n_words + (j + offs)[None, :], mask=(j + offs < stop)[None, :], other=0)
         total += popcount32(w, HW)
-    tl.store(part_ptr + row * n_split + split, tl.sum(total.to(tl.int64), axis=0))
+    tl.store(part_ptr + r64 * n_split + split, tl.sum(total.to(tl.int64), axis=1), mask=rows < n)
 
 
 def mask_popcount_triton(words: torch.Tensor) -> torch.Tensor:
     """Set bits per row of ``words`` ``[N, W]`` int32 -> ``[N]`` int64.
 
-    Rows are split into pieces so that a few long masks still fill the GPU; the pieces' counts
-    are summed by torch (integers: the order does not matter).
+    Short rows are taken several per program (about 4096 words per program step); long rows are
+    split into pieces so that a few long masks still fill the GPU. The pieces' counts are summed
+    by torch (integers: the order does not matter).
     """
     n, w = words.shape
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64, device=words.device)
     block = min(1024, _config.pow2_ceil(w))
-    split = max(1, min(-(-w // (4 * block)), -(-4 * _config.num_sms(words.device) // n)))
+    rows = max(1, min(4096 // block, _config.pow2_floor(n)))
+    programs = -(-n // rows)
+    split = max(1, min(-(-w // (4 * block)), -(-4 * _config.num_sms(words.device) // programs)))
     chunk = -(-w // split)
     part = torch.empty(n, split, dtype=torch.int64, device=words.device)
-    _popcount_kernel[(n, split)](words, part, w, chunk, split, BLOCK=block, HW=words.is_cuda, num_warps=4)
+    _popcount_kernel[(programs, split)](words, part, n, w, chunk, split, BR=rows, BLOCK=block, HW=words.is_cuda,
+                                       num_warps=4)
     return part.sum(dim=1)
 
 
