@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 from pathlib import Path
@@ -28,3 +29,19 @@ def git_commit() -> str:
 def gpu_name() -> str:
     """The current CUDA device's name, or 'cpu' without one."""
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def write_rows(rows: list[dict], name: str, fields: list[str] | None = None) -> Path | None:
+    """Write ``rows`` as ``$OUT/name`` (atomically; nothing when OUT is unset or there are no rows)."""
+    if not os.environ.get("OUT") or not rows:
+        return None
+    from memloc.io import atomic_path
+
+    path = Path(os.environ["OUT"]) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields or list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")
+    return path

@@ -10,9 +10,7 @@ kernel's registers allow. Writes $OUT/mask_stream.csv when OUT is set.
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
-import os
 import sys
 from pathlib import Path
 
@@ -22,7 +20,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "python")]
 import torch  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _meta import git_commit, gpu_name  # noqa: E402
+from _meta import git_commit, gpu_name, write_rows  # noqa: E402
 
 SD15 = [(320, 1280)] * 5 + [(640, 2560)] * 5 + [(1280, 5120)] * 6
 SDXL = [(640, 2560)] * 4 + [(1280, 5120)] * 60 + [(640, 2560)] * 6
@@ -155,16 +153,7 @@ def main() -> int:
                          "p20_us": round(t[1], 2), "p80_us": round(t[2], 2), "mismatches": "",
                          "slow_path_problems": "", "programs_per_sm": "", **info})
             print(f"  {case:<18} {'cuda backend':<26} {t[0]:9.1f} us", flush=True)
-    if os.environ.get("OUT"):
-        from memloc.io import atomic_path
-
-        path = Path(os.environ["OUT"]) / "mask_stream.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"wrote {path}")
+    write_rows(rows, "mask_stream.csv")
     return 1 if any(r["mismatches"] for r in rows if r["mismatches"] != "") else 0
 
 

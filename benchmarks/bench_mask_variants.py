@@ -11,9 +11,7 @@ See docs/TRITON_MASK_NOTES.md.
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
-import os
 import sys
 from pathlib import Path
 
@@ -21,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "python")]
 
 import torch  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _meta import write_rows  # noqa: E402
 
 SD15 = [(320, 1280)] * 5 + [(640, 2560)] * 5 + [(1280, 5120)] * 6
 SPARSITY = 0.01
@@ -109,16 +110,7 @@ def main() -> int:
         print(f"{r['variant']:<24}{r['single_us']:>11.1f}{r['single_p20']:>9.1f}{r['single_p80']:>9.1f}"
               f"{r['batched_us_per_vector']:>14.1f}{r['batched_p20']:>9.1f}{r['batched_p80']:>9.1f}"
               f"{r['mismatches']:>6}  {r['programs_per_sm']}")
-    if os.environ.get("OUT"):
-        from memloc.io import atomic_path
-
-        path = Path(os.environ["OUT"]) / "mask_variants.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"wrote {path}")
+    write_rows(rows, "mask_variants.csv")
     return 1 if any(r["mismatches"] for r in rows) else 0
 
 

@@ -108,6 +108,31 @@ def _stream_exact(w_row, n_row, z_row, out_row, d_in, k, CH: tl.constexpr):
 
 
 @triton.jit
+def _item(item, item_layer_ptr, item_row_ptr, item_vec_ptr, lay_w_ptr, lay_n_ptr, lay_z_ptr, lay_o_ptr,
+          lay_dout_ptr, lay_din_ptr, lay_k_ptr, n_vec, vec_span, ALIGNED: tl.constexpr, HINT_Z: tl.constexpr):
+    """A work item's first row and vector span, and its layer's shape, k and element offsets.
+
+    ``HINT_Z``: also mark the null norms' offset as 16-aligned (the blocks kernel gathers whole
+    8-column blocks of them; in the list kernel the hint only cost registers: 78 -> 91)."""
+    layer = tl.load(item_layer_ptr + item)
+    row0 = tl.load(item_row_ptr + item)
+    vfirst = tl.load(item_vec_ptr + item)
+    vend = tl.minimum(vfirst + vec_span, n_vec)
+    d_in = tl.load(lay_din_ptr + layer)
+    w_off = tl.load(lay_w_ptr + layer)
+    n_off = tl.load(lay_n_ptr + layer)
+    z_off = tl.load(lay_z_ptr + layer)
+    if ALIGNED:  # checked by the launcher: every offset and d_in a multiple of 16 elements
+        w_off = tl.multiple_of(w_off, 16)
+        n_off = tl.multiple_of(n_off, 16)
+        d_in = tl.multiple_of(d_in, 16)
+        if HINT_Z:
+            z_off = tl.multiple_of(z_off, 16)
+    return (row0, vfirst, vend, d_in, tl.load(lay_dout_ptr + layer), tl.load(lay_k_ptr + layer), w_off, n_off, z_off,
+            tl.load(lay_o_ptr + layer))
+
+
+@triton.jit
 def _stream_mask_kernel(
     w_ptr, n_ptr, z_ptr, out_ptr, scr_ptr, stats_ptr,
     item_layer_ptr, item_row_ptr, item_vec_ptr,
@@ -128,21 +153,9 @@ def _stream_mask_kernel(
     slots = tl.arange(0, CAP)
     scr = scr_ptr + pid.to(tl.int64) * (M * CAP) + mm[:, None].to(tl.int64) * CAP  # [M, 1]
     for item in range(pid, n_items, nprog):
-        layer = tl.load(item_layer_ptr + item)
-        row0 = tl.load(item_row_ptr + item)
-        vfirst = tl.load(item_vec_ptr + item)
-        vend = tl.minimum(vfirst + vec_span, n_vec)
-        d_in = tl.load(lay_din_ptr + layer)
-        d_out = tl.load(lay_dout_ptr + layer)
-        k = tl.load(lay_k_ptr + layer)
-        w_off = tl.load(lay_w_ptr + layer)
-        n_off = tl.load(lay_n_ptr + layer)
-        z_off = tl.load(lay_z_ptr + layer)
-        o_off = tl.load(lay_o_ptr + layer)
-        if ALIGNED:  # checked by the launcher: every offset and d_in a multiple of 16 elements
-            w_off = tl.multiple_of(w_off, 16)
-            n_off = tl.multiple_of(n_off, 16)
-            d_in = tl.multiple_of(d_in, 16)
+        row0, vfirst, vend, d_in, d_out, k, w_off, n_off, z_off, o_off = _item(
+            item, item_layer_ptr, item_row_ptr, item_vec_ptr, lay_w_ptr, lay_n_ptr, lay_z_ptr, lay_o_ptr,
+            lay_dout_ptr, lay_din_ptr, lay_k_ptr, n_vec, vec_span, ALIGNED, False)
         n_words = (d_in + 31) // 32
         rows = row0 + rr
         row_ok = rows < d_out
@@ -252,22 +265,9 @@ def _blocks_mask_kernel(
     bmx = bmx_ptr + pid.to(tl.int64) * bmx_stride
     lst = lst_ptr + pid.to(tl.int64) * CAPB
     for item in range(pid, n_items, nprog):
-        layer = tl.load(item_layer_ptr + item)
-        row = tl.load(item_row_ptr + item)
-        vfirst = tl.load(item_vec_ptr + item)
-        vend = tl.minimum(vfirst + vec_span, n_vec)
-        d_in = tl.load(lay_din_ptr + layer)
-        d_out = tl.load(lay_dout_ptr + layer)
-        k = tl.load(lay_k_ptr + layer)
-        w_off = tl.load(lay_w_ptr + layer)
-        n_off = tl.load(lay_n_ptr + layer)
-        z_off = tl.load(lay_z_ptr + layer)
-        o_off = tl.load(lay_o_ptr + layer)
-        if ALIGNED:  # checked by the launcher: every offset and d_in a multiple of 16 elements
-            w_off = tl.multiple_of(w_off, 16)
-            n_off = tl.multiple_of(n_off, 16)
-            z_off = tl.multiple_of(z_off, 16)
-            d_in = tl.multiple_of(d_in, 16)
+        row, vfirst, vend, d_in, d_out, k, w_off, n_off, z_off, o_off = _item(
+            item, item_layer_ptr, item_row_ptr, item_vec_ptr, lay_w_ptr, lay_n_ptr, lay_z_ptr, lay_o_ptr,
+            lay_dout_ptr, lay_din_ptr, lay_k_ptr, n_vec, vec_span, ALIGNED, True)
         n_words = (d_in + 31) // 32
         n_blocks = (d_in + 7) // 8
         w_row = w_ptr + w_off + row.to(tl.int64) * d_in
