@@ -16,12 +16,8 @@ from memloc.train.pack import pack, unpack
 pytest.importorskip("skimage")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread (conftest.py): the machines have 2 shared cores
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY_RUN = [

@@ -21,15 +21,8 @@ from memloc.train.shapes import (
     sample_generic,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CI and development machines have 2 shared cores; OpenMP spinning makes small ops 50x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread (conftest.py): the machines have 2 shared cores
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_generic_sampling_and_rendering_are_deterministic():

@@ -15,13 +15,8 @@ from memloc.train.finetune import FinetuneOptions, choose_duplicated, read_image
 from memloc.train.manifest import read_manifest
 from memloc.train.shapes import render, sample_generic
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread (conftest.py): the machines have 2 shared cores
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()

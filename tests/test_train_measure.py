@@ -13,13 +13,8 @@ from memloc.train.manifest import Manifest, read_manifest, write_manifest
 from memloc.train.measure import diversity, generate, measure, memorized_stats, rmse
 from memloc.train.shapes import CaptionTable, attributes_row, render, sample_generic
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread (conftest.py): the machines have 2 shared cores
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _photos(n=4, size=32, seed=0):

@@ -25,13 +25,8 @@ FIRST = ["--preset", "tiny", "--max-steps", "6", "--vae-max-steps", "6", "--warm
 RESUMED = ["--max-steps", "6", "--warmup-steps", "2", *COMMON]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread (conftest.py): the machines have 2 shared cores
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _weights(folder, part):

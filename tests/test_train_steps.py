@@ -18,13 +18,8 @@ from memloc.train.vae import VAE_VALUES, vae_step
 CFG = models.PRESETS["tiny"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread (conftest.py): the machines have 2 shared cores
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
