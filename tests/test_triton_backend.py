@@ -2,40 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
+from _triton_env import DEVICE, MARKS  # first: it decides compiled or interpreted Triton
 
-# Triton fixes "compiled or interpreted" (TRITON_INTERPRET) when it is imported, so the variable
-# must be set before anything imports triton. Without a GPU the interpreter runs the kernels on
-# the CPU; with a GPU (and TRITON_INTERPRET unset) the same tests run compiled on CUDA tensors.
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    if "triton" in sys.modules:
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set: run with TRITON_INTERPRET=1",
-                    allow_module_level=True)
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton", reason="the triton backend needs the triton package")
+import memloc_kernels as mk
+from memloc_kernels import reference as ref
+from memloc_kernels.backends import triton as triton_backend
+from memloc_kernels.triton import _config
 
-import memloc_kernels as mk  # noqa: E402
-from memloc_kernels import reference as ref  # noqa: E402
-from memloc_kernels.backends import triton as triton_backend  # noqa: E402
-from memloc_kernels.triton import _config  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = torch.device("cpu" if INTERPRET else "cuda")
-pytestmark = [
-    pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(), reason="no CUDA device and not interpreting"),
-    # the interpreter's numpy ops warn on intended int32 wrap-around (bit 31 of packed words)
-    pytest.mark.filterwarnings("ignore::RuntimeWarning"),
-]
+pytestmark = MARKS
 TR = "triton"
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
 
 
 def assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:

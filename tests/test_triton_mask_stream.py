@@ -2,36 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
+from _triton_env import DEVICE, MARKS  # first: it decides compiled or interpreted Triton
 
-# see tests/test_triton_backend.py: TRITON_INTERPRET must be set before triton is imported
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    if "triton" in sys.modules:
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set: run with TRITON_INTERPRET=1",
-                    allow_module_level=True)
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton", reason="the triton backend needs the triton package")
+import memloc_kernels as mk
+from memloc_kernels import reference as ref
+from memloc_kernels.triton import _config, mask_stream
 
-import memloc_kernels as mk  # noqa: E402
-from memloc_kernels import reference as ref  # noqa: E402
-from memloc_kernels.triton import _config, mask_stream  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = torch.device("cpu" if INTERPRET else "cuda")
-pytestmark = [
-    pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(), reason="no CUDA device and not interpreting"),
-    pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # the interpreter's int32 wrap-around (bit 31)
-]
+pytestmark = MARKS
 VARIANTS = ["blocks", "blocks-bisect", "list"]
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
 
 
 def masks(weights, sumsqs, nulls, sparsity, **overrides):
