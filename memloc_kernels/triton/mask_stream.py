@@ -238,6 +238,27 @@ def _stream_mask_kernel(
 
 
 @triton.jit
+def _kth_bits(bits, lo, top, c_lo, k):
+    """Bisection on the float bits of a 2-D tile for one selection problem.
+
+    Given ``c_lo`` = count(bits >= lo) >= k and ``top`` >= every value, returns a ``lo`` with
+    count(bits >= lo) >= k that is either reached by exactly k values or is the k-th value itself
+    (equal values straddle the k-th place).
+    """
+    hi = tl.where(c_lo > k, top + 1, lo + 1)
+    while hi - lo > 1:
+        mid = lo + (hi - lo) // 2
+        c_mid = tl.sum(tl.sum((bits >= mid).to(tl.int32), axis=1), axis=0)
+        if c_mid >= k:
+            lo = mid
+            if c_mid == k:
+                hi = lo + 1
+        else:
+            hi = mid
+    return lo
+
+
+@triton.jit
 def _blocks_mask_kernel(
     w_ptr, n_ptr, z_ptr, out_ptr, bmx_ptr, lst_ptr, stats_ptr,
     item_layer_ptr, item_row_ptr, item_vec_ptr,
@@ -351,18 +372,7 @@ def _blocks_mask_kernel(
                     # first the k-th largest block maximum (4 values per lane): at least k scores
                     # reach it, and usually only a few more (blocks holding two of the top k)
                     hb = tl.load(bmx + blk, mask=blk >= 0, other=-1.0).to(tl.int32, bitcast=True)
-                    c_lo = nh
-                    hi = tl.where(c_lo > k, top + 1, lo + 1)
-                    while hi - lo > 1:
-                        mid = lo + (hi - lo) // 2
-                        c_mid = tl.sum((hb >= mid).to(tl.int32), axis=0)
-                        if c_mid >= k:
-                            lo = mid
-                            c_lo = c_mid
-                            if c_mid == k:
-                                hi = lo + 1
-                        else:
-                            hi = mid
+                    lo = _kth_bits(hb[:, None], lo, top, nh, k)
                     # then drop the smallest scores >= lo, one distinct value at a time, while
                     # at least k remain: ends at exactly k, or at the k-th value (a tie)
                     c_lo = tl.sum(tl.sum((bits >= lo).to(tl.int32), axis=1), axis=0)
@@ -376,18 +386,7 @@ def _blocks_mask_kernel(
                             lo = low
                             c_lo = k  # leave: `low` is the k-th value
                 else:
-                    c_lo = tl.sum(tl.sum((bits >= lo).to(tl.int32), axis=1), axis=0)
-                    hi = tl.where(c_lo > k, top + 1, lo + 1)
-                    while hi - lo > 1:
-                        mid = lo + (hi - lo) // 2
-                        c_mid = tl.sum(tl.sum((bits >= mid).to(tl.int32), axis=1), axis=0)
-                        if c_mid >= k:
-                            lo = mid
-                            c_lo = c_mid
-                            if c_mid == k:
-                                hi = lo + 1
-                        else:
-                            hi = mid
+                    lo = _kth_bits(bits, lo, top, tl.sum(tl.sum((bits >= lo).to(tl.int32), axis=1), axis=0), k)
                 gt = tl.sum(tl.sum((bits > lo).to(tl.int32), axis=1), axis=0)
                 sel = bits > lo
                 eq = bits == lo
