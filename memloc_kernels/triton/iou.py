@@ -50,6 +50,26 @@ def mask_popcount_triton(words: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _tile_pair(pair_ptr, n_words, chunk, BM: tl.constexpr):
+    """This program's upper-triangle tile pair (bi <= bj), their rows and its K slice [k0, k1)."""
+    pair = tl.program_id(0)
+    bi = tl.load(pair_ptr + 2 * pair)
+    bj = tl.load(pair_ptr + 2 * pair + 1)
+    k0 = tl.program_id(1).to(tl.int64) * chunk
+    return bi, bj, bi * BM + tl.arange(0, BM), bj * BM + tl.arange(0, BM), k0, tl.minimum(k0 + chunk, n_words)
+
+
+@triton.jit
+def _add_tile(out_ptr, acc, bi, bj, ra, rb, n):
+    """Add a tile's int32 counts into ``out`` and its mirror (integer atomics: order-free)."""
+    total = acc.to(tl.int64)
+    on = (ra < n)[:, None] & (rb < n)[None, :]
+    tl.atomic_add(out_ptr + ra.to(tl.int64)[:, None] * n + rb[None, :], total, mask=on, sem="relaxed")
+    if bi != bj:
+        tl.atomic_add(out_ptr + rb.to(tl.int64)[None, :] * n + ra[:, None], total, mask=on, sem="relaxed")
+
+
+@triton.jit
 def _intersections_kernel(words_ptr, out_ptr, pair_ptr, n, n_words, chunk,
                           BM: tl.constexpr, BK: tl.constexpr, HW: tl.constexpr):
     """One upper-triangle tile pair (bi <= bj) and one K slice: ``out[a, b] += popc(A[a] & A[b])``.
@@ -59,14 +79,7 @@ def _intersections_kernel(words_ptr, out_ptr, pair_ptr, n, n_words, chunk,
     and the K sum never crosses threads. The slice's counts are added into ``out`` with integer
     atomics (order-free, so deterministic), and the mirror tile gets the same counts.
     """
-    pair = tl.program_id(0)
-    ks = tl.program_id(1)
-    bi = tl.load(pair_ptr + 2 * pair)
-    bj = tl.load(pair_ptr + 2 * pair + 1)
-    ra = bi * BM + tl.arange(0, BM)
-    rb = bj * BM + tl.arange(0, BM)
-    k0 = ks.to(tl.int64) * chunk
-    k1 = tl.minimum(k0 + chunk, n_words)
+    bi, bj, ra, rb, k0, k1 = _tile_pair(pair_ptr, n_words, chunk, BM)
     k_full = k0 + (k1 - k0) // BK * BK
     # rows past n read row n - 1 (their counts are dropped below): no masks in the loop
     pa = words_ptr + tl.minimum(ra, n - 1).to(tl.int64) * n_words
@@ -77,11 +90,7 @@ def _intersections_kernel(words_ptr, out_ptr, pair_ptr, n, n_words, chunk,
             acc += popcount32(tl.load(pa + (j + kk))[:, None] & tl.load(pb + (j + kk))[None, :], HW)
     for j in range(k_full, k1):
         acc += popcount32(tl.load(pa + j)[:, None] & tl.load(pb + j)[None, :], HW)
-    total = acc.to(tl.int64)
-    on = (ra < n)[:, None] & (rb < n)[None, :]
-    tl.atomic_add(out_ptr + ra.to(tl.int64)[:, None] * n + rb[None, :], total, mask=on, sem="relaxed")
-    if bi != bj:
-        tl.atomic_add(out_ptr + rb.to(tl.int64)[None, :] * n + ra[:, None], total, mask=on, sem="relaxed")
+    _add_tile(out_ptr, acc, bi, bj, ra, rb, n)
 
 
 @triton.jit
@@ -94,14 +103,7 @@ def _intersections_dot_kernel(words_ptr, out_ptr, pair_ptr, n, n_words, chunk,
     int8 x int8 -> int32 ``tl.dot``. The bit order inside the step is the same for A and B, which
     is all a dot product needs. Tiles and atomics as in ``_intersections_kernel``.
     """
-    pair = tl.program_id(0)
-    ks = tl.program_id(1)
-    bi = tl.load(pair_ptr + 2 * pair)
-    bj = tl.load(pair_ptr + 2 * pair + 1)
-    ra = bi * BM + tl.arange(0, BM)
-    rb = bj * BM + tl.arange(0, BM)
-    k0 = ks.to(tl.int64) * chunk
-    k1 = tl.minimum(k0 + chunk, n_words)
+    bi, bj, ra, rb, k0, k1 = _tile_pair(pair_ptr, n_words, chunk, BM)
     pa = words_ptr + tl.minimum(ra, n - 1).to(tl.int64) * n_words
     pb = words_ptr + tl.minimum(rb, n - 1).to(tl.int64) * n_words
     shifts = tl.arange(0, 32)
@@ -113,11 +115,7 @@ def _intersections_dot_kernel(words_ptr, out_ptr, pair_ptr, n, n_words, chunk,
         a8 = tl.reshape(((a[:, :, None] >> shifts[None, None, :]) & 1).to(tl.int8), [BM, KW * 32])
         b8 = tl.reshape(((b[:, :, None] >> shifts[None, None, :]) & 1).to(tl.int8), [BM, KW * 32])
         acc = tl.dot(a8, tl.trans(b8), acc, out_dtype=tl.int32)
-    total = acc.to(tl.int64)
-    on = (ra < n)[:, None] & (rb < n)[None, :]
-    tl.atomic_add(out_ptr + ra.to(tl.int64)[:, None] * n + rb[None, :], total, mask=on, sem="relaxed")
-    if bi != bj:
-        tl.atomic_add(out_ptr + rb.to(tl.int64)[None, :] * n + ra[:, None], total, mask=on, sem="relaxed")
+    _add_tile(out_ptr, acc, bi, bj, ra, rb, n)
 
 
 #: Which intersections kernel runs: "dot" (tensor cores, int8) or "popcount" (CUDA cores).
