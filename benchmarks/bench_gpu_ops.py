@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "python")]
 
 import torch  # noqa: E402
+from _masks import SD15, SDXL, layer_stats  # noqa: E402
 from _meta import git_commit, gpu_name  # noqa: E402
 
 DEVICE = "cuda"
@@ -35,12 +36,6 @@ T0 = time.monotonic()
 ROWS: list[dict] = []
 FAILURES: list[str] = []
 
-# FFN second layers (d_out, d_in). SD1.5: 16 transformer blocks with inner dim 4 x channels.
-# SDXL (block_out_channels 320/640/1280, transformer_layers_per_block 1/2/10, no attention at
-# 320, mid block 10 layers): down 2x2 at 640 + 2x10 at 1280, mid 10, up 3x10 at 1280 + 3x2 at
-# 640 -> 10 x (640, 2560) + 60 x (1280, 5120) = 409.6 M weights, as FACTS.md says.
-SD15 = [(320, 1280)] * 5 + [(640, 2560)] * 5 + [(1280, 5120)] * 6
-SDXL = [(640, 2560)] * 10 + [(1280, 5120)] * 60
 IOU_CHECK = (24, 1 << 18)  # masks x words of the exactness check before timing mask_iou
 APPLY_SHAPE = (60 * 1280, 5120)  # all 60 SDXL 1280 x 5120 layers as one matrix
 STATS_SHAPES = ((4096, 1280), (1024, 2560), (256, 5120))  # SD1.5 (tokens, d_ff) per UNet level
@@ -117,17 +112,6 @@ def providers(mk, op: str) -> list[str]:
         if ok and backend.supports(torch.device(DEVICE)) and hasattr(backend, op):
             names.append(name)
     return names
-
-
-def layer_stats(shapes, lead, seed=0):
-    g = torch.Generator(device=DEVICE).manual_seed(seed)
-    weights, sumsqs = [], []
-    for d_out, d_in in shapes:
-        weights.append(torch.randn(d_out, d_in, device=DEVICE, dtype=torch.float16, generator=g) * 0.02)
-        s = torch.exp(torch.randn(*lead, d_in, device=DEVICE, generator=g) * 1.5) * 1e3
-        sumsqs.append(s)
-    nulls = [torch.exp(torch.randn(d_in, device=DEVICE, generator=g) * 1.5) * 1e3 for _, d_in in shapes]
-    return weights, sumsqs, nulls
 
 
 def verify_masks(mk, backend, weights, sumsqs, nulls, sparsity, what) -> bool:

@@ -20,11 +20,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "python")]
 import torch  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from _masks import SD15, SDXL, SPARSITY, empty_outs, layer_stats, mismatches  # noqa: E402
 from _meta import git_commit, gpu_name, write_rows  # noqa: E402
 
-SD15 = [(320, 1280)] * 5 + [(640, 2560)] * 5 + [(1280, 5120)] * 6
-SDXL = [(640, 2560)] * 4 + [(1280, 5120)] * 60 + [(640, 2560)] * 6
-SPARSITY = 0.01
 # (name, kernel, stream overrides) for the single-vector and the batched measurements
 # Settings measured on 2026-11-29 (BENCHMARKS.md) that lost are left out; add them back to re-check.
 SINGLE = [
@@ -45,39 +43,6 @@ BATCHED = [
 ]
 # a few settings also on SDXL shapes and on statistics with a few dominant columns
 EXTRA = (0, 1, 2, 3)
-
-
-def layer_stats(shapes, lead, seed=0, heavy=False):
-    """Random FFN2 weights and log-normal statistics (bench_gpu_ops.py's data). ``heavy``: a few
-    columns with 100x larger statistics in every vector, as real activations have."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    weights, sumsqs, nulls = [], [], []
-    for d_out, d_in in shapes:
-        weights.append(torch.randn(d_out, d_in, device="cuda", dtype=torch.float16, generator=g) * 0.02)
-        s = torch.exp(torch.randn(*lead, d_in, device="cuda", generator=g) * 1.5) * 1e3
-        n = torch.exp(torch.randn(d_in, device="cuda", generator=g) * 1.5) * 1e3
-        if heavy:
-            cols = torch.randperm(d_in, device="cuda", generator=g)[: max(1, d_in // 200)]
-            s[..., cols] *= 100.0
-            n[cols] *= 100.0
-        sumsqs.append(s)
-        nulls.append(n)
-    return weights, sumsqs, nulls
-
-
-def outs_for(mk, weights, lead):
-    return [mk.PackedMask(torch.zeros(*lead[:1], w.shape[0], mk.n_words(w.shape[1]), dtype=torch.int32,
-                                      device="cuda"), w.shape[1]) for w in weights]
-
-
-def mismatches(mk, data, subsets, backend="triton") -> int:
-    from memloc_kernels import reference as ref
-
-    weights, sumsqs, nulls = data
-    part = [s if subsets is None else s[:subsets] for s in sumsqs]
-    got = mk.memorized_masks(weights, part, nulls, SPARSITY, check_finite=False, backend=backend)
-    return sum(int((mk.unpack_mask(g) != ref.memorized_mask(w, s, n, SPARSITY)).sum())
-               for g, w, s, n in zip(got, weights, part, nulls))
 
 
 def main() -> int:
@@ -106,9 +71,9 @@ def main() -> int:
         counter.zero_()
         with _config.mask_overrides(kernel=kernel), _config.stream_overrides(**over):
             before = set(mask_stream._OCCUPANCY)
-            bad = mismatches(mk, data, None if not lead else 2)
+            bad = mismatches(mk, *data, subsets=2 if lead else None)
             occ = [v for key, v in mask_stream._OCCUPANCY.items() if key not in before]
-            outs = outs_for(mk, data[0], lead)
+            outs = empty_outs(mk, data[0], lead)
             fn = functools.partial(mk.memorized_masks, *data, SPARSITY, outs=outs, check_finite=False,
                                    backend="triton")
             fn()
@@ -144,7 +109,7 @@ def main() -> int:
     if "cuda" in mk.available_backends():
         for case, data, lead, graph, per in (("sd15 x1", sd1, (), True, 1), ("sd15 100x10", sdb, (100, 10), False,
                                                                                  1000)):
-            outs = outs_for(mk, data[0], lead)
+            outs = empty_outs(mk, data[0], lead)
             fn = functools.partial(mk.memorized_masks, *data, SPARSITY, outs=outs, check_finite=False, backend="cuda")
             t = tt.do_bench_cudagraph(fn, rep=100, quantiles=q) if graph else tt.do_bench(fn, warmup=1, rep=300,
                                                                                            quantiles=q)

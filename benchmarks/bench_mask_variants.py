@@ -21,44 +21,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "python")]
 import torch  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from _masks import SD15, SPARSITY, empty_outs, layer_stats, mismatches  # noqa: E402
 from _meta import write_rows  # noqa: E402
 
-SD15 = [(320, 1280)] * 5 + [(640, 2560)] * 5 + [(1280, 5120)] * 6
-SPARSITY = 0.01
 VARIANTS = {
     "inline (current)": {"fallback": "inline"},
     "deferred": {"fallback": "deferred"},
     "deferred+maxnreg168": {"fallback": "deferred", "maxnreg": 168},
 }
-
-
-def layer_stats(lead: tuple[int, ...], seed: int = 0):
-    """Random SD1.5 FFN2 weights and log-normal statistics, as in bench_gpu_ops.py."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    weights, sumsqs = [], []
-    for d_out, d_in in SD15:
-        weights.append(torch.randn(d_out, d_in, device="cuda", dtype=torch.float16, generator=g) * 0.02)
-        sumsqs.append(torch.exp(torch.randn(*lead, d_in, device="cuda", generator=g) * 1.5) * 1e3)
-    nulls = [torch.exp(torch.randn(d_in, device="cuda", generator=g) * 1.5) * 1e3 for _, d_in in SD15]
-    return weights, sumsqs, nulls
-
-
-def outs_for(mk, weights, lead):
-    return [mk.PackedMask(torch.zeros(*lead[:1], w.shape[0], mk.n_words(w.shape[1]), dtype=torch.int32,
-                                      device="cuda"), w.shape[1]) for w in weights]
-
-
-def mismatches(mk, weights, sumsqs, nulls, subsets: int | None) -> int:
-    """Entries that differ from the reference (batched: the first ``subsets`` subsets only)."""
-    from memloc_kernels import reference as ref
-
-    got = mk.memorized_masks(weights, sumsqs, nulls, SPARSITY, check_finite=False, backend="triton")
-    bad = 0
-    for i, (w, s, n) in enumerate(zip(weights, sumsqs, nulls)):
-        part = s if subsets is None else s[:subsets]
-        mine = mk.unpack_mask(got[i]) if subsets is None else mk.unpack_mask(got[i])[:subsets]
-        bad += int((mine != ref.memorized_mask(w, part, n, SPARSITY)).sum())
-    return bad
 
 
 def main() -> int:
@@ -79,16 +49,16 @@ def main() -> int:
     if args.maxnreg128:
         variants["deferred+maxnreg128"] = {"fallback": "deferred", "maxnreg": 128}
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
-    single = layer_stats(())
-    batched = layer_stats((20, 10), seed=1)
+    single = layer_stats(SD15, ())
+    batched = layer_stats(SD15, (20, 10), seed=1)
     q = [0.5, 0.2, 0.8]
     rows = []
     for name, over in variants.items():
         with _config.mask_overrides(**over):
             before = set(mask_mod._OCCUPANCY)
-            bad = mismatches(mk, *single, None) + mismatches(mk, *batched, 2)
+            bad = mismatches(mk, *single) + mismatches(mk, *batched, subsets=2)
             occ = sorted((key[1], per_sm) for key, per_sm in mask_mod._OCCUPANCY.items() if key not in before)
-            out1, outb = outs_for(mk, single[0], ()), outs_for(mk, batched[0], (20, 10))
+            out1, outb = empty_outs(mk, single[0], ()), empty_outs(mk, batched[0], (20, 10))
             f1 = functools.partial(mk.memorized_masks, *single, SPARSITY, outs=out1, check_finite=False,
                                    backend="triton")
             fb = functools.partial(mk.memorized_masks, *batched, SPARSITY, outs=outb, check_finite=False,
