@@ -7,7 +7,7 @@ import dataclasses
 import functools
 import os
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -262,3 +262,16 @@ def device_table(values: tuple[int, ...], dtype: torch.dtype, device: torch.devi
     else:
         _TABLES.move_to_end(key)
     return table
+
+
+def element_offsets(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """A base tensor and each tensor's element offset from it (all of one dtype and device)."""
+    base = tensors[0]
+    size = base.element_size()
+    offsets = []
+    for x in tensors:
+        delta = x.data_ptr() - base.data_ptr()
+        if delta % size:
+            raise RuntimeError("tensors of one launch are not aligned to their element size")
+        offsets.append(delta // size)
+    return base, offsets

@@ -454,19 +454,6 @@ def memorized_mask_multi_triton(weights: Sequence, sumsqs: Sequence, null_sumsqs
                 d_in, k, s, t)
 
 
-def _offsets(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
-    """A base tensor and each tensor's element offset from it (all of one dtype and device)."""
-    base = tensors[0]
-    size = base.element_size()
-    offsets = []
-    for x in tensors:
-        delta = x.data_ptr() - base.data_ptr()
-        if delta % size:
-            raise RuntimeError("tensors of one launch are not aligned to their element size")
-        offsets.append(delta // size)
-    return base, offsets
-
-
 _ROW_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -489,8 +476,8 @@ def _launch(layers: list[_Layer], roots: torch.Tensor, n_starts: list[int], z_st
     device = layers[0].weight.device
     n_vec = s * t
     cfg = _config.mask_config(d_in, k, n_vec)
-    w_base, w_offs = _offsets([lay.weight for lay in layers])
-    o_base, o_offs = _offsets([lay.out for lay in layers])
+    w_base, w_offs = _config.element_offsets([lay.weight for lay in layers])
+    o_base, o_offs = _config.element_offsets([lay.out for lay in layers])
     heights = tuple(lay.weight.shape[0] for lay in layers)
     row_layer, row_index = _row_tables(heights, device)
     n_rows = sum(heights)

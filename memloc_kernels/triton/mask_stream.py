@@ -507,14 +507,12 @@ def launch_stream(weights, roots: torch.Tensor, n_starts: Sequence[int], z_start
     ``stats`` (int32 ``[1]``) counts the problems that took the slow exact path (default: the
     device's :func:`slow_path_counter`).
     """
-    from .mask import _offsets  # the same base + element-offset scheme as the tile kernel
-
     device = weights[0].device
     heights = [w.shape[0] for w in weights]
     d_ins = [w.shape[1] for w in weights]
     cfg = stream_config(d_ins, ks, n_vec, sum(heights), device)
-    w_base, w_offs = _offsets(list(weights))
-    o_base, o_offs = _offsets(list(outs))
+    w_base, w_offs = _config.element_offsets(weights)
+    o_base, o_offs = _config.element_offsets(outs)
     lay, row, vec = _item_tables(heights, d_ins, n_vec, cfg, device)
     n_items = lay.numel()
     key = (cfg, w_base.dtype, str(device))
