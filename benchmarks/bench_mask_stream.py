@@ -48,7 +48,15 @@ EXTRA = (0, 1, 2, 3)
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="first three settings of each list only")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VAL,...",
+                        help="time these stream overrides (e.g. chunk=512,prefetch=1) against the default "
+                             "instead of the built-in lists; may be repeated")
     args = parser.parse_args()
+    if args.set:
+        custom = [(s, "stream", {k: (int(v) if v.lstrip("-").isdigit() else v)
+                                 for k, v in (kv.split("=", 1) for kv in s.split(","))}) for s in args.set]
+        SINGLE[:] = [SINGLE[1], *custom]
+        BATCHED[:] = [BATCHED[1], *custom]
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to benchmark")
         return 1
