@@ -14,8 +14,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "python")]
 
 import torch  # noqa: E402
 
-# 2026-11-29: (1, 32, 1) fastest of (4,16,4) (8,16,4) (4,32,4) (2,32,2) (8,32,8) (1,64,2) (16,8,4) (2,16,2)
-TILES = [(1, 32, 1), (1, 16, 1), (1, 64, 1), (2, 32, 1), (4, 16, 4)]
+# The set-bit walk (session 3): one word per lane, so tiles differ in words per lane and rows per program.
+# (The column-slot kernel before it: (1, 32, 1) fastest of 9 tiles, 2026-11-29, BENCHMARKS.md.)
+TILES = [(1, 32, 1), (1, 64, 1), (1, 128, 1), (2, 32, 2), (4, 32, 4), (8, 32, 8)]
 
 
 def main() -> int:

@@ -10,43 +10,52 @@ from ._bits import popcount32
 from .iou import mask_popcount_triton
 
 _INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-#: (rows, mask words, warps) per program: one row of 32 words (1024 columns) per step in one warp
-#: was fastest of 9 tiles on the H200 (539 us for 76800 x 5120 at 1 %, 71 % of copy; BENCHMARKS.md).
+#: (rows, mask words, warps) per program. One lane per mask word: a step handles BR x BW words and
+#: loops over their set bits only (``max`` set bits of a word in the tile, ~2 at 1 %).
 TILE = (1, 32, 1)
 
 
 @triton.jit
 def _prune_kernel(w_ptr, words_ptr, removed_ptr, start_ptr, d_out, d_in, n_words,
                   BR: tl.constexpr, BW: tl.constexpr, RESTORE: tl.constexpr, HW: tl.constexpr):
-    """Rows ``[BR]``, ``BW`` mask words per step: a removed value's slot is ``start[row]`` + the set
-    bits of the row's earlier words (a short scan over words) + the set bits below it in its own
-    word (one popcount): no scan over columns. Apply: copy W there, then zero W. Restore: copy back.
+    """Rows ``[BR]``, ``BW`` mask words per step, one word per lane. A removed value's slot is
+    ``start[row]`` + the set bits of the row's earlier words (a short scan over words) + the set
+    bits below it in its own word. Each lane walks its word's set bits lowest first (clear the
+    lowest bit per round), so the work follows the bits, not the 32 columns of every word.
+    Apply: copy W there, then zero W. Restore: copy back.
 
     W is moved as integers of its width, so every bit pattern (signed zeros, NaN payloads) is
-    kept. Only the masked elements of W are read or written.
+    kept. Only the masked elements of W are read or written; bits past ``d_in`` are skipped (they
+    still take a slot, as the per-row counts include them).
     """
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     row_on = rows < d_out
     r64 = rows.to(tl.int64)
     slot = tl.load(start_ptr + rows, mask=row_on, other=0)  # int64 running slot per row
-    j = tl.arange(0, 32)
-    below = (1 << j) - 1  # bits under bit j (j = 31: 0x7FFFFFFF after the int32 wrap)
+    w_rows = w_ptr + r64[:, None] * d_in  # [BR, 1]
     for w0 in range(0, n_words, BW):
         wi = w0 + tl.arange(0, BW)
         on = row_on[:, None] & (wi < n_words)[None, :]
         word = tl.load(words_ptr + r64[:, None] * n_words + wi[None, :], mask=on, other=0)  # [BR, BW]
         count = popcount32(word, HW)
-        before = tl.cumsum(count, axis=1) - count  # set bits in the row's earlier words of this step
-        cols = wi[None, :, None] * 32 + j[None, None, :]  # [1, BW, 32]
-        bit = (((word[:, :, None] >> j[None, None, :]) & 1) != 0) & (cols < d_in)
-        rank = before[:, :, None] + popcount32(word[:, :, None] & below[None, None, :], HW)
-        dst = removed_ptr + slot[:, None, None] + rank
-        src = w_ptr + r64[:, None, None] * d_in + cols
-        if RESTORE:
-            tl.store(src, tl.load(dst, mask=bit), mask=bit)
-        else:
-            tl.store(dst, tl.load(src, mask=bit), mask=bit)
-            tl.store(src, tl.zeros([BR, BW, 32], dtype=w_ptr.dtype.element_ty), mask=bit)
+        rank = slot[:, None] + (tl.cumsum(count, axis=1) - count).to(tl.int64)  # slot of the word's lowest bit
+        # the bits of columns < d_in (only the last word of a row can hold others)
+        tail = d_in - wi * 32
+        rem = tl.where(tail[None, :] >= 32, word, word & ((1 << tl.minimum(tl.maximum(tail, 0), 31)) - 1)[None, :])
+        col0 = (wi * 32)[None, :]
+        while tl.max(tl.max((rem != 0).to(tl.int32), axis=1), axis=0) > 0:
+            live = rem != 0
+            low = rem & -rem  # the lowest set bit (bit 31 stays itself under the int32 wrap)
+            col = col0 + popcount32(low - 1, HW)
+            src = w_rows + col
+            dst = removed_ptr + rank
+            if RESTORE:
+                tl.store(src, tl.load(dst, mask=live), mask=live)
+            else:
+                tl.store(dst, tl.load(src, mask=live), mask=live)
+                tl.store(src, tl.zeros([BR, BW], dtype=w_ptr.dtype.element_ty), mask=live)
+            rank += 1
+            rem = rem & (rem - 1)
         slot += tl.sum(count, axis=1).to(tl.int64)
 
 
