@@ -63,6 +63,14 @@ def test_prefetching_pass_one_changes_nothing(w_shape, s_shape, n_shape, sparsit
     assert_masks([w], [lognormal(*s_shape)], [lognormal(*n_shape)], sparsity, prefetch=depth)
 
 
+@pytest.mark.parametrize("width, xchg", [(32, 0), (256, 1), (32, 1)], ids=["w32", "xchg256", "xchg32"])
+@pytest.mark.parametrize("w_shape, s_shape, n_shape, sparsity", CASES)
+def test_hit_list_settings_change_nothing(w_shape, s_shape, n_shape, sparsity, width, xchg):
+    """The blocks kernel's hit list built 32 or 256 blocks per step, by stores or atomic exchanges."""
+    w = (torch.randn(w_shape) * 0.02).half()
+    assert_masks([w], [lognormal(*s_shape)], [lognormal(*n_shape)], sparsity, list_width=width, list_xchg=xchg)
+
+
 @pytest.mark.parametrize("warps", [1, 2], ids=["w1", "w2"])
 def test_several_widths_in_one_launch(warps):
     """Layers of different widths (and k) share one launch: per-layer d_in, k and offsets from tables."""
