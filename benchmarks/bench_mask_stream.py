@@ -27,17 +27,17 @@ from _meta import git_commit, gpu_name, write_rows  # noqa: E402
 # Settings measured on 2026-11-29 (BENCHMARKS.md) that lost are left out; add them back to re-check.
 SINGLE = [
     ("tile (first kernel)", "tile", {}),
-    ("blocks w1 nreg128 (default)", "stream", {}),
-    ("blocks prefetch 1 chunk", "stream", {"prefetch": 1}),
+    ("blocks w1 nreg128 pf1 (default)", "stream", {}),
+    ("blocks no prefetch", "stream", {"prefetch": 0}),
     ("blocks prefetch 2 chunks", "stream", {"prefetch": 2}),
     ("list r1 w1", "stream", {"variant": "list", "rows": 1, "num_warps": 1}),
-    ("blocks w1 nreg96", "stream", {"variant": "blocks", "num_warps": 1, "maxnreg": 96}),
+    ("blocks nreg112", "stream", {"maxnreg": 112}),
     ("blocks-bisect w1 nreg128", "stream", {"variant": "blocks-bisect", "num_warps": 1, "maxnreg": 128}),
 ]
 BATCHED = [
     ("tile (first kernel)", "tile", {}),
-    ("blocks w1 nreg128 (default)", "stream", {}),
-    ("blocks prefetch 1 chunk", "stream", {"prefetch": 1}),
+    ("blocks w1 nreg128 pf1 (default)", "stream", {}),
+    ("blocks no prefetch", "stream", {"prefetch": 0}),
     ("blocks prefetch 2 chunks", "stream", {"prefetch": 2}),
     ("list r1 w1", "stream", {"variant": "list", "rows": 1, "vectors": 1, "num_warps": 1}),
 ]

@@ -265,8 +265,7 @@ def _blocks_mask_kernel(
     lay_w_ptr, lay_n_ptr, lay_z_ptr, lay_o_ptr, lay_dout_ptr, lay_din_ptr, lay_k_ptr,
     n_items, n_vec, n_t, vec_span, bmx_stride,
     CH: tl.constexpr, CAPB: tl.constexpr, BOUND_STEPS: tl.constexpr, EVEN: tl.constexpr, ALIGNED: tl.constexpr,
-    TWO_LEVEL: tl.constexpr, PREFETCH: tl.constexpr, LW: tl.constexpr,
-    LIST_XCHG: tl.constexpr,
+    TWO_LEVEL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """One (row, vector) at a time; pass 2 reads back only the 8-column blocks that can hold a winner.
 
@@ -281,7 +280,7 @@ def _blocks_mask_kernel(
     nprog = tl.num_programs(0)
     cols = tl.arange(0, CH)
     bidx = tl.arange(0, NB)
-    lanes = tl.arange(0, LW)
+    lanes = tl.arange(0, CH)
     slots = tl.arange(0, CAPB)
     j8 = tl.arange(0, 8)
     bmx = bmx_ptr + pid.to(tl.int64) * bmx_stride
@@ -350,20 +349,16 @@ def _blocks_mask_kernel(
                 lo = tl.where(up, mid, lo)
                 hi = tl.where(up, hi, mid)
             tl.debug_barrier()  # block maxima stored by all threads
-            # 3. the blocks whose maximum reaches lo, listed in column order, LW per step. With 8
-            # per thread, Triton moves a scattered store's 64-bit pointers through shared memory
-            # to one element per thread first (24 % of the instructions, ncu on the H200); an
-            # atomic exchange is left in place, and LW = 32 x warps needs no move at all
+            # 3. the blocks whose maximum reaches lo, listed in column order. (Triton moves the
+            # scattered store's pointers through shared memory, 24 % of the instructions; one
+            # block per thread or atomic-exchange writes avoid that but measured slower on the H200)
             nh = 0
-            for b0 in range(0, n_blocks, LW):
+            for b0 in range(0, n_blocks, CH):
                 b = b0 + lanes
                 bb = tl.load(bmx + b, mask=b < n_blocks, other=-1.0).to(tl.int32, bitcast=True)
                 hit = bb >= lo
                 pos = nh + tl.cumsum(hit.to(tl.int32), axis=0) - 1
-                if LIST_XCHG:
-                    tl.atomic_xchg(lst + pos, b, mask=hit & (pos < CAPB), sem="relaxed", scope="cta")
-                else:
-                    tl.store(lst + pos, b, mask=hit & (pos < CAPB))
+                tl.store(lst + pos, b, mask=hit & (pos < CAPB))
                 nh += tl.sum(hit.to(tl.int32), axis=0)
             tl.debug_barrier()  # the list is written by all threads before anyone reads it
             fits = nh <= CAPB
@@ -436,10 +431,7 @@ class StreamConfig:
     blocks (blocks) per problem; ``bound_steps`` bisection steps for the bound; ``span`` vectors per
     work item (batched statistics are split so that there are enough items); ``maxnreg`` a
     register cap (0: none); ``prefetch`` (blocks variants): issue the loads of pass 1's next
-    ``prefetch`` chunks (0, 1 or 2) before the current chunk's arithmetic; ``list_width`` blocks
-    per step of the blocks variant's hit list (32 x warps: one per thread); ``list_xchg`` writes
-    that list with relaxed atomic exchanges, which Triton leaves in the scan's layout (a plain
-    scattered store is moved to one element per thread through shared memory first)."""
+    ``prefetch`` chunks (0, 1 or 2) before the current chunk's arithmetic."""
 
     variant: str
     rows: int
@@ -452,8 +444,6 @@ class StreamConfig:
     progs_per_sm: int
     maxnreg: int = 0
     prefetch: int = 0
-    list_width: int = 256
-    list_xchg: int = 0
 
 
 def stream_config(d_ins: Sequence[int], ks: Sequence[int], n_vec: int, n_rows: int,
@@ -479,12 +469,11 @@ def stream_config(d_ins: Sequence[int], ks: Sequence[int], n_vec: int, n_rows: i
     # the blocks variant compiles to ~210 registers (the gathered tile's loads in flight); capping
     # at 128 doubles the programs per SM without spilling (H200 sweep: 218 -> 143 us, BENCHMARKS.md)
     maxnreg = int(forced.get("maxnreg", MAXNREG if variant == "blocks" and num_warps == 1 else 0))
-    # prefetching pass 1 one chunk ahead is not measured yet on a GPU, so it is off by default
-    prefetch = int(forced.get("prefetch", 0))
-    list_width = int(forced.get("list_width", chunk))
-    list_xchg = int(forced.get("list_xchg", 0))
+    # pass 1's loads one chunk ahead: 123.3 -> 121.2 us SD1.5, 829 -> 814 us SDXL on the H200
+    # (two chunks ahead: no better; BENCHMARKS.md)
+    prefetch = int(forced.get("prefetch", 1))
     return StreamConfig(variant, rows, vectors, chunk, cap, int(forced.get("bound_steps", 10)), num_warps, span,
-                        progs_per_sm, maxnreg, prefetch, list_width, list_xchg)
+                        progs_per_sm, maxnreg, prefetch)
 
 
 def stream_eligible(ks: Sequence[int]) -> bool:
@@ -549,8 +538,7 @@ def launch_stream(weights, roots: torch.Tensor, n_starts: Sequence[int], z_start
         compiled = _blocks_mask_kernel[(nprog,)](
             w_base, roots, roots, o_base, bmx, lst, stats, *tables, n_items, n_vec, n_t, cfg.span, bmx_stride,
             CH=cfg.chunk, CAPB=cfg.cap, BOUND_STEPS=cfg.bound_steps, EVEN=even, ALIGNED=aligned,
-            TWO_LEVEL=cfg.variant == "blocks", PREFETCH=cfg.prefetch, LW=cfg.list_width, LIST_XCHG=bool(cfg.list_xchg),
-            num_warps=cfg.num_warps, **regs_cap,
+            TWO_LEVEL=cfg.variant == "blocks", PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, **regs_cap,
         )
     else:
         scratch = torch.empty(nprog * cfg.rows * cfg.vectors * cfg.cap, dtype=torch.int64, device=device)
