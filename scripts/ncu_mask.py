@@ -11,9 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "python"), str(ROOT / "benchmarks")]
 
 import torch  # noqa: E402
+from _masks import SD15, SPARSITY, empty_outs, layer_stats  # noqa: E402
 
 import memloc_kernels as mk  # noqa: E402
-from _masks import SD15, SPARSITY, empty_outs, layer_stats  # noqa: E402
 
 data = layer_stats(SD15, ())
 outs = empty_outs(mk, data[0], ())
