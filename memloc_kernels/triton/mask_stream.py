@@ -265,7 +265,7 @@ def _blocks_mask_kernel(
     lay_w_ptr, lay_n_ptr, lay_z_ptr, lay_o_ptr, lay_dout_ptr, lay_din_ptr, lay_k_ptr,
     n_items, n_vec, n_t, vec_span, bmx_stride,
     CH: tl.constexpr, CAPB: tl.constexpr, BOUND_STEPS: tl.constexpr, EVEN: tl.constexpr, ALIGNED: tl.constexpr,
-    TWO_LEVEL: tl.constexpr, PREFETCH: tl.constexpr,
+    TWO_LEVEL: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
 ):
     """One (row, vector) at a time; pass 2 reads back only the 8-column blocks that can hold a winner.
 
@@ -336,83 +336,90 @@ def _blocks_mask_kernel(
                         s = tl.where(c < d_in, s, -1.0)
                     gmax = tl.maximum(gmax, s)
                     tl.store(bmx + c0 // 8 + bidx, tl.max(tl.reshape(s, [NB, 8]), axis=1))
-            # 2. a lower bound reached by >= k group maxima (start 8 octaves below the top)
-            gb = gmax.to(tl.int32, bitcast=True)
-            top = tl.max(gb, axis=0)
-            lo = tl.maximum(top - (8 << 23), 0)
-            far = tl.sum((gb >= lo).to(tl.int32), axis=0) < k
-            hi = tl.where(far, tl.maximum(lo, 1), top + 1)
-            lo = tl.where(far, 0, lo)
-            for _ in tl.static_range(BOUND_STEPS):
-                mid = lo + (hi - lo) // 2
-                up = tl.sum((gb >= mid).to(tl.int32), axis=0) >= k
-                lo = tl.where(up, mid, lo)
-                hi = tl.where(up, hi, mid)
-            tl.debug_barrier()  # block maxima stored by all threads
-            # 3. the blocks whose maximum reaches lo, listed in column order. (Triton moves the
-            # scattered store's pointers through shared memory, 24 % of the instructions; one
-            # block per thread or atomic-exchange writes avoid that but measured slower on the H200)
-            nh = 0
-            for b0 in range(0, n_blocks, CH):
-                b = b0 + lanes
-                bb = tl.load(bmx + b, mask=b < n_blocks, other=-1.0).to(tl.int32, bitcast=True)
-                hit = bb >= lo
-                pos = nh + tl.cumsum(hit.to(tl.int32), axis=0) - 1
-                tl.store(lst + pos, b, mask=hit & (pos < CAPB))
-                nh += tl.sum(hit.to(tl.int32), axis=0)
-            tl.debug_barrier()  # the list is written by all threads before anyone reads it
-            fits = nh <= CAPB
-            if fits:
-                # 4. gather the listed blocks; exact selection on the [CAPB, 8] tile
-                blk = tl.load(lst + slots, mask=slots < nh, other=-1)
-                c = blk[:, None] * 8 + j8[None, :]
-                ok = (blk >= 0)[:, None] & (c < d_in)
-                s = tl.abs(tl.load(w_row + c, mask=ok, other=0.0).to(tl.float32)) * tl.load(n_row + c, mask=ok,
-                                                                                            other=0.0)
-                bits = tl.where(ok, s.to(tl.int32, bitcast=True), -1)  # only the bits stay live
-                if TWO_LEVEL:
-                    # first the k-th largest block maximum (4 values per lane): at least k scores
-                    # reach it, and usually only a few more (blocks holding two of the top k)
-                    hb = tl.load(bmx + blk, mask=blk >= 0, other=-1.0).to(tl.int32, bitcast=True)
-                    lo = _kth_bits(hb[:, None], lo, top, nh, k)
-                    # then drop the smallest scores >= lo, one distinct value at a time, while
-                    # at least k remain: ends at exactly k, or at the k-th value (a tie)
-                    c_lo = tl.sum(tl.sum((bits >= lo).to(tl.int32), axis=1), axis=0)
-                    while c_lo > k:
-                        low = tl.min(tl.min(tl.where(bits >= lo, bits, 0x7FFFFFFF), axis=1), axis=0)
-                        n_low = tl.sum(tl.sum((bits == low).to(tl.int32), axis=1), axis=0)
-                        if c_lo - n_low >= k:
-                            lo = low + 1
-                            c_lo = c_lo - n_low
+            if STAGES < 2:  # timing aid: pass 1 only (keep gmax alive)
+                top = tl.max(gmax, axis=0).to(tl.int32, bitcast=True)
+                tl.store(lst + tl.arange(0, 1), tl.zeros([1], tl.int32) + top)
+            else:
+                # 2. a lower bound reached by >= k group maxima (start 8 octaves below the top)
+                gb = gmax.to(tl.int32, bitcast=True)
+                top = tl.max(gb, axis=0)
+                lo = tl.maximum(top - (8 << 23), 0)
+                far = tl.sum((gb >= lo).to(tl.int32), axis=0) < k
+                hi = tl.where(far, tl.maximum(lo, 1), top + 1)
+                lo = tl.where(far, 0, lo)
+                for _ in tl.static_range(BOUND_STEPS):
+                    mid = lo + (hi - lo) // 2
+                    up = tl.sum((gb >= mid).to(tl.int32), axis=0) >= k
+                    lo = tl.where(up, mid, lo)
+                    hi = tl.where(up, hi, mid)
+                tl.debug_barrier()  # block maxima stored by all threads
+                # 3. the blocks whose maximum reaches lo, listed in column order. (Triton moves the
+                # scattered store's pointers through shared memory, 24 % of the instructions; one
+                # block per thread or atomic-exchange writes avoid that but measured slower on the H200)
+                nh = 0
+                for b0 in range(0, n_blocks, CH):
+                    b = b0 + lanes
+                    bb = tl.load(bmx + b, mask=b < n_blocks, other=-1.0).to(tl.int32, bitcast=True)
+                    hit = bb >= lo
+                    pos = nh + tl.cumsum(hit.to(tl.int32), axis=0) - 1
+                    tl.store(lst + pos, b, mask=hit & (pos < CAPB))
+                    nh += tl.sum(hit.to(tl.int32), axis=0)
+                tl.debug_barrier()  # the list is written by all threads before anyone reads it
+                if STAGES < 3:  # timing aid: pass 1, the bound and the hit list only
+                    tl.store(lst + tl.arange(0, 1), tl.zeros([1], tl.int32) + nh)
+                else:
+                    fits = nh <= CAPB
+                    if fits:
+                        # 4. gather the listed blocks; exact selection on the [CAPB, 8] tile
+                        blk = tl.load(lst + slots, mask=slots < nh, other=-1)
+                        c = blk[:, None] * 8 + j8[None, :]
+                        ok = (blk >= 0)[:, None] & (c < d_in)
+                        s = tl.abs(tl.load(w_row + c, mask=ok, other=0.0).to(tl.float32)) * tl.load(n_row + c, mask=ok,
+                                                                                                    other=0.0)
+                        bits = tl.where(ok, s.to(tl.int32, bitcast=True), -1)  # only the bits stay live
+                        if TWO_LEVEL:
+                            # first the k-th largest block maximum (4 values per lane): at least k scores
+                            # reach it, and usually only a few more (blocks holding two of the top k)
+                            hb = tl.load(bmx + blk, mask=blk >= 0, other=-1.0).to(tl.int32, bitcast=True)
+                            lo = _kth_bits(hb[:, None], lo, top, nh, k)
+                            # then drop the smallest scores >= lo, one distinct value at a time, while
+                            # at least k remain: ends at exactly k, or at the k-th value (a tie)
+                            c_lo = tl.sum(tl.sum((bits >= lo).to(tl.int32), axis=1), axis=0)
+                            while c_lo > k:
+                                low = tl.min(tl.min(tl.where(bits >= lo, bits, 0x7FFFFFFF), axis=1), axis=0)
+                                n_low = tl.sum(tl.sum((bits == low).to(tl.int32), axis=1), axis=0)
+                                if c_lo - n_low >= k:
+                                    lo = low + 1
+                                    c_lo = c_lo - n_low
+                                else:
+                                    lo = low
+                                    c_lo = k  # leave: `low` is the k-th value
                         else:
-                            lo = low
-                            c_lo = k  # leave: `low` is the k-th value
-                else:
-                    lo = _kth_bits(bits, lo, top, tl.sum(tl.sum((bits >= lo).to(tl.int32), axis=1), axis=0), k)
-                gt = tl.sum(tl.sum((bits > lo).to(tl.int32), axis=1), axis=0)
-                sel = bits > lo
-                eq = bits == lo
-                n_eq = tl.sum(tl.sum(eq.to(tl.int32), axis=1), axis=0)
-                if gt + n_eq > k:  # equal scores straddle the k-th place: lowest columns first
-                    rank = tl.reshape(tl.cumsum(tl.reshape(eq.to(tl.int32), [CAPB * 8]), axis=0), [CAPB, 8])
-                    sel = sel | (eq & (rank <= k - gt))
-                else:
-                    sel = sel | eq
-                # 5. null comparison (|W| re-read), one OR per block (a block lies inside one word).
-                # The loads take the gather's mask, uniform over a block, so they stay vector loads
-                # (masking by `sel` made them 64 scalar loads per lane: 18 % of the kernel's stalls)
-                c = blk[:, None] * 8 + j8[None, :]
-                ok = (blk >= 0)[:, None] & (c < d_in)
-                aw = tl.abs(tl.load(w_row + c, mask=ok, other=0.0).to(tl.float32))
-                z = tl.load(z_ptr + z_off + v * d_in + c, mask=ok, other=0.0)
-                sel = sel & (bits.to(tl.float32, bitcast=True) > aw * z)
-                word_bits = tl.sum(tl.where(sel, 1 << (c & 31), 0), axis=1)
-                out_row = out_ptr + o_off + ((v // n_t).to(tl.int64) * d_out + row) * n_words
-                tl.atomic_or(out_row + (blk >> 2), word_bits, mask=word_bits != 0, sem="relaxed")
-            else:  # rare: many equal scores >= the bound (e.g. a zero row)
-                tl.atomic_add(stats_ptr, 1)
-                _stream_exact(w_row, n_row, z_ptr + z_off + v * d_in,
-                              out_ptr + o_off + ((v // n_t).to(tl.int64) * d_out + row) * n_words, d_in, k, CH)
+                            lo = _kth_bits(bits, lo, top, tl.sum(tl.sum((bits >= lo).to(tl.int32), axis=1), axis=0), k)
+                        gt = tl.sum(tl.sum((bits > lo).to(tl.int32), axis=1), axis=0)
+                        sel = bits > lo
+                        eq = bits == lo
+                        n_eq = tl.sum(tl.sum(eq.to(tl.int32), axis=1), axis=0)
+                        if gt + n_eq > k:  # equal scores straddle the k-th place: lowest columns first
+                            rank = tl.reshape(tl.cumsum(tl.reshape(eq.to(tl.int32), [CAPB * 8]), axis=0), [CAPB, 8])
+                            sel = sel | (eq & (rank <= k - gt))
+                        else:
+                            sel = sel | eq
+                        # 5. null comparison (|W| re-read), one OR per block (a block lies inside one word).
+                        # The loads take the gather's mask, uniform over a block, so they stay vector loads
+                        # (masking by `sel` made them 64 scalar loads per lane: 18 % of the kernel's stalls)
+                        c = blk[:, None] * 8 + j8[None, :]
+                        ok = (blk >= 0)[:, None] & (c < d_in)
+                        aw = tl.abs(tl.load(w_row + c, mask=ok, other=0.0).to(tl.float32))
+                        z = tl.load(z_ptr + z_off + v * d_in + c, mask=ok, other=0.0)
+                        sel = sel & (bits.to(tl.float32, bitcast=True) > aw * z)
+                        word_bits = tl.sum(tl.where(sel, 1 << (c & 31), 0), axis=1)
+                        out_row = out_ptr + o_off + ((v // n_t).to(tl.int64) * d_out + row) * n_words
+                        tl.atomic_or(out_row + (blk >> 2), word_bits, mask=word_bits != 0, sem="relaxed")
+                    else:  # rare: many equal scores >= the bound (e.g. a zero row)
+                        tl.atomic_add(stats_ptr, 1)
+                        _stream_exact(w_row, n_row, z_ptr + z_off + v * d_in,
+                                      out_ptr + o_off + ((v // n_t).to(tl.int64) * d_out + row) * n_words, d_in, k, CH)
             tl.debug_barrier()  # scratch read by all threads before the next vector overwrites it
 
 
@@ -431,7 +438,9 @@ class StreamConfig:
     blocks (blocks) per problem; ``bound_steps`` bisection steps for the bound; ``span`` vectors per
     work item (batched statistics are split so that there are enough items); ``maxnreg`` a
     register cap (0: none); ``prefetch`` (blocks variants): issue the loads of pass 1's next
-    ``prefetch`` chunks (0, 1 or 2) before the current chunk's arithmetic."""
+    ``prefetch`` chunks (0, 1 or 2) before the current chunk's arithmetic; ``stages`` (blocks
+    variants; a timing aid, wrong masks below 3): 1 runs pass 1 only, 2 also the bound and the hit
+    list, 3 everything."""
 
     variant: str
     rows: int
@@ -444,6 +453,7 @@ class StreamConfig:
     progs_per_sm: int
     maxnreg: int = 0
     prefetch: int = 0
+    stages: int = 3
 
 
 def stream_config(d_ins: Sequence[int], ks: Sequence[int], n_vec: int, n_rows: int,
@@ -473,7 +483,7 @@ def stream_config(d_ins: Sequence[int], ks: Sequence[int], n_vec: int, n_rows: i
     # (two chunks ahead: no better; BENCHMARKS.md)
     prefetch = int(forced.get("prefetch", 1))
     return StreamConfig(variant, rows, vectors, chunk, cap, int(forced.get("bound_steps", 10)), num_warps, span,
-                        progs_per_sm, maxnreg, prefetch)
+                        progs_per_sm, maxnreg, prefetch, int(forced.get("stages", 3)))
 
 
 def stream_eligible(ks: Sequence[int]) -> bool:
@@ -538,7 +548,8 @@ def launch_stream(weights, roots: torch.Tensor, n_starts: Sequence[int], z_start
         compiled = _blocks_mask_kernel[(nprog,)](
             w_base, roots, roots, o_base, bmx, lst, stats, *tables, n_items, n_vec, n_t, cfg.span, bmx_stride,
             CH=cfg.chunk, CAPB=cfg.cap, BOUND_STEPS=cfg.bound_steps, EVEN=even, ALIGNED=aligned,
-            TWO_LEVEL=cfg.variant == "blocks", PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, **regs_cap,
+            TWO_LEVEL=cfg.variant == "blocks", PREFETCH=cfg.prefetch, STAGES=cfg.stages, num_warps=cfg.num_warps,
+            **regs_cap,
         )
     else:
         scratch = torch.empty(nprog * cfg.rows * cfg.vectors * cfg.cap, dtype=torch.int64, device=device)
