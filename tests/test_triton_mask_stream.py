@@ -55,13 +55,14 @@ def test_identical_to_reference(variant, w_shape, s_shape, n_shape, sparsity):
     assert_masks([w], [lognormal(*s_shape)], [lognormal(*n_shape)], sparsity, variant=variant)
 
 
-@pytest.mark.parametrize("depth", [0, 2], ids=["ahead0", "ahead2"])
+@pytest.mark.parametrize("loads", [{"prefetch": 0}, {"prefetch": 2}, {"prefetch": 0, "pipe": 3}],
+                         ids=["ahead0", "ahead2", "pipelined3"])
 @pytest.mark.parametrize("w_shape, s_shape, n_shape, sparsity", CASES)
-def test_prefetching_pass_one_changes_nothing(w_shape, s_shape, n_shape, sparsity, depth):
-    """The blocks kernel with pass 1's loads issued 0 or 2 chunks ahead (the default, 1, runs in
-    every other test), incl. partial chunks."""
+def test_prefetching_pass_one_changes_nothing(w_shape, s_shape, n_shape, sparsity, loads):
+    """The blocks kernel with pass 1's loads issued 0 or 2 chunks ahead, or by Triton's pipeliner
+    (the default, 1 ahead, runs in every other test), incl. partial chunks."""
     w = (torch.randn(w_shape) * 0.02).half()
-    assert_masks([w], [lognormal(*s_shape)], [lognormal(*n_shape)], sparsity, prefetch=depth)
+    assert_masks([w], [lognormal(*s_shape)], [lognormal(*n_shape)], sparsity, **loads)
 
 
 @pytest.mark.parametrize("warps", [1, 2], ids=["w1", "w2"])

@@ -259,6 +259,20 @@ def _kth_bits(bits, lo, top, c_lo, k):
 
 
 @triton.jit
+def _pass1_step(w_row, n_row, bmx, c0, cols, bidx, d_in, gmax, EVEN: tl.constexpr, NB: tl.constexpr):
+    """One chunk of pass 1: scores, the running strided group maxima, the 8-column block maxima."""
+    c = c0 + cols
+    if EVEN:
+        s = tl.abs(tl.load(w_row + c).to(tl.float32)) * tl.load(n_row + c)
+    else:
+        s = tl.abs(tl.load(w_row + c, mask=c < d_in, other=0.0).to(tl.float32)) * tl.load(
+            n_row + c, mask=c < d_in, other=0.0)
+        s = tl.where(c < d_in, s, -1.0)
+    tl.store(bmx + c0 // 8 + bidx, tl.max(tl.reshape(s, [NB, 8]), axis=1))
+    return tl.maximum(gmax, s)
+
+
+@triton.jit
 def _blocks_mask_kernel(
     w_ptr, n_ptr, z_ptr, out_ptr, bmx_ptr, lst_ptr, stats_ptr,
     item_layer_ptr, item_row_ptr, item_vec_ptr,
@@ -266,6 +280,7 @@ def _blocks_mask_kernel(
     n_items, n_vec, n_t, vec_span, bmx_stride,
     CH: tl.constexpr, CAPB: tl.constexpr, BOUND_STEPS: tl.constexpr, EVEN: tl.constexpr, ALIGNED: tl.constexpr,
     TWO_LEVEL: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
+    PIPE: tl.constexpr,
 ):
     """One (row, vector) at a time; pass 2 reads back only the 8-column blocks that can hold a winner.
 
@@ -325,17 +340,12 @@ def _blocks_mask_kernel(
                     else:
                         wv = wn
                         nv = nn
+            elif PIPE > 1:  # Triton's software pipeliner: async copies PIPE - 1 chunks ahead
+                for c0 in tl.range(0, d_in, CH, num_stages=PIPE):
+                    gmax = _pass1_step(w_row, n_row, bmx, c0, cols, bidx, d_in, gmax, EVEN, NB)
             else:
                 for c0 in range(0, d_in, CH):
-                    c = c0 + cols
-                    if EVEN:
-                        s = tl.abs(tl.load(w_row + c).to(tl.float32)) * tl.load(n_row + c)
-                    else:
-                        s = tl.abs(tl.load(w_row + c, mask=c < d_in, other=0.0).to(tl.float32)) * tl.load(
-                            n_row + c, mask=c < d_in, other=0.0)
-                        s = tl.where(c < d_in, s, -1.0)
-                    gmax = tl.maximum(gmax, s)
-                    tl.store(bmx + c0 // 8 + bidx, tl.max(tl.reshape(s, [NB, 8]), axis=1))
+                    gmax = _pass1_step(w_row, n_row, bmx, c0, cols, bidx, d_in, gmax, EVEN, NB)
             if STAGES < 2:  # timing aid: pass 1 only (keep gmax alive)
                 top = tl.max(gmax, axis=0).to(tl.int32, bitcast=True)
                 tl.store(lst + tl.arange(0, 1), tl.zeros([1], tl.int32) + top)
@@ -440,7 +450,8 @@ class StreamConfig:
     register cap (0: none); ``prefetch`` (blocks variants): issue the loads of pass 1's next
     ``prefetch`` chunks (0, 1 or 2) before the current chunk's arithmetic; ``stages`` (blocks
     variants; a timing aid, wrong masks below 3): 1 runs pass 1 only, 2 also the bound and the hit
-    list, 3 everything."""
+    list, 3 everything; ``pipe`` > 1 (with ``prefetch`` 0): pass 1 through Triton's software
+    pipeliner with that many stages (asynchronous copies to shared memory) instead."""
 
     variant: str
     rows: int
@@ -454,6 +465,7 @@ class StreamConfig:
     maxnreg: int = 0
     prefetch: int = 0
     stages: int = 3
+    pipe: int = 0
 
 
 def stream_config(d_ins: Sequence[int], ks: Sequence[int], n_vec: int, n_rows: int,
@@ -483,7 +495,7 @@ def stream_config(d_ins: Sequence[int], ks: Sequence[int], n_vec: int, n_rows: i
     # (two chunks ahead: no better; BENCHMARKS.md)
     prefetch = int(forced.get("prefetch", 1))
     return StreamConfig(variant, rows, vectors, chunk, cap, int(forced.get("bound_steps", 10)), num_warps, span,
-                        progs_per_sm, maxnreg, prefetch, int(forced.get("stages", 3)))
+                        progs_per_sm, maxnreg, prefetch, int(forced.get("stages", 3)), int(forced.get("pipe", 0)))
 
 
 def stream_eligible(ks: Sequence[int]) -> bool:
@@ -548,7 +560,8 @@ def launch_stream(weights, roots: torch.Tensor, n_starts: Sequence[int], z_start
         compiled = _blocks_mask_kernel[(nprog,)](
             w_base, roots, roots, o_base, bmx, lst, stats, *tables, n_items, n_vec, n_t, cfg.span, bmx_stride,
             CH=cfg.chunk, CAPB=cfg.cap, BOUND_STEPS=cfg.bound_steps, EVEN=even, ALIGNED=aligned,
-            TWO_LEVEL=cfg.variant == "blocks", PREFETCH=cfg.prefetch, STAGES=cfg.stages, num_warps=cfg.num_warps,
+            TWO_LEVEL=cfg.variant == "blocks", PREFETCH=cfg.prefetch, STAGES=cfg.stages, PIPE=cfg.pipe,
+            num_warps=cfg.num_warps,
             **regs_cap,
         )
     else:
