@@ -27,18 +27,18 @@ from _meta import git_commit, gpu_name, write_rows  # noqa: E402
 # Settings measured on 2026-11-29 (BENCHMARKS.md) that lost are left out; add them back to re-check.
 SINGLE = [
     ("tile (first kernel)", "tile", {}),
-    ("blocks w1 nreg128 pf1 (default)", "stream", {}),
-    ("blocks no prefetch", "stream", {"prefetch": 0}),
-    ("blocks prefetch 2 chunks", "stream", {"prefetch": 2}),
+    ("blocks w1 nreg128 pipe4 (default)", "stream", {}),
+    ("blocks prefetch 1 by hand", "stream", {"pipe": 0, "prefetch": 1}),
+    ("blocks no prefetch", "stream", {"pipe": 0, "prefetch": 0}),
     ("list r1 w1", "stream", {"variant": "list", "rows": 1, "num_warps": 1}),
-    ("blocks nreg112", "stream", {"maxnreg": 112}),
+    ("blocks pipe6", "stream", {"pipe": 6}),
     ("blocks-bisect w1 nreg128", "stream", {"variant": "blocks-bisect", "num_warps": 1, "maxnreg": 128}),
 ]
 BATCHED = [
     ("tile (first kernel)", "tile", {}),
-    ("blocks w1 nreg128 pf1 (default)", "stream", {}),
-    ("blocks no prefetch", "stream", {"prefetch": 0}),
-    ("blocks prefetch 2 chunks", "stream", {"prefetch": 2}),
+    ("blocks w1 nreg128 pipe4 (default)", "stream", {}),
+    ("blocks prefetch 1 by hand", "stream", {"pipe": 0, "prefetch": 1}),
+    ("blocks no prefetch", "stream", {"pipe": 0, "prefetch": 0}),
     ("list r1 w1", "stream", {"variant": "list", "rows": 1, "vectors": 1, "num_warps": 1}),
 ]
 # a few settings also on SDXL shapes and on statistics with a few dominant columns

@@ -491,11 +491,13 @@ def stream_config(d_ins: Sequence[int], ks: Sequence[int], n_vec: int, n_rows: i
     # the blocks variant compiles to ~210 registers (the gathered tile's loads in flight); capping
     # at 128 doubles the programs per SM without spilling (H200 sweep: 218 -> 143 us, BENCHMARKS.md)
     maxnreg = int(forced.get("maxnreg", MAXNREG if variant == "blocks" and num_warps == 1 else 0))
-    # pass 1's loads one chunk ahead: 123.3 -> 121.2 us SD1.5, 829 -> 814 us SDXL on the H200
-    # (two chunks ahead: no better; BENCHMARKS.md)
-    prefetch = int(forced.get("prefetch", 1))
+    # pass 1 through Triton's pipeliner, 4 stages (3 chunks of async copies in flight): 803.7 ->
+    # 753.1 us SDXL, 119.9 -> 119.3 us SD1.5 against prefetching one chunk by hand in registers
+    # (which beat no prefetch by 2 %; BENCHMARKS.md)
+    pipe = int(forced.get("pipe", 4))
+    prefetch = int(forced.get("prefetch", 0 if pipe > 1 else 1))
     return StreamConfig(variant, rows, vectors, chunk, cap, int(forced.get("bound_steps", 10)), num_warps, span,
-                        progs_per_sm, maxnreg, prefetch, int(forced.get("stages", 3)), int(forced.get("pipe", 0)))
+                        progs_per_sm, maxnreg, prefetch, int(forced.get("stages", 3)), pipe)
 
 
 def stream_eligible(ks: Sequence[int]) -> bool:
