@@ -7,7 +7,8 @@ count (capped at 128) lets 16 programs share an SM. Every layer of a launch shar
 d_in, k and the offsets come from small tables; work items are ordered widest rows first.
 
 Default, ``_blocks_mask_kernel`` (variant "blocks"), per (row, statistics vector):
-  1. pass 1: scores ``|W| * norm`` chunk by chunk; ``gmax[j]`` = the largest score among columns
+  1. pass 1: scores ``|W| * norm`` chunk by chunk (loads through Triton's software pipeliner, 3
+     chunks ahead); ``gmax[j]`` = the largest score among columns
      ``j, j + CH, ...`` (CH >= k strided groups), and the maximum of every aligned 8-column block,
      stored to the program's scratch;
   2. bound: a few bisection steps on the float bits of ``gmax`` give ``lo`` with >= k group maxima
