@@ -28,17 +28,19 @@ from _meta import git_commit, gpu_name, write_rows  # noqa: E402
 SINGLE = [
     ("tile (first kernel)", "tile", {}),
     ("blocks w1 nreg128 pipe4 (default)", "stream", {}),
+    ("split: pass 1 in 4-row programs", "stream", {"variant": "split"}),
     ("blocks prefetch 1 by hand", "stream", {"pipe": 0, "prefetch": 1}),
-    ("blocks no prefetch", "stream", {"pipe": 0, "prefetch": 0}),
+    ("split: pass 1 in 8-row programs", "stream", {"variant": "split", "rows": 8}),
+    ("split: 2-row programs, no pipeliner", "stream", {"variant": "split", "rows": 2, "pipe": 0}),
     ("list r1 w1", "stream", {"variant": "list", "rows": 1, "num_warps": 1}),
-    ("blocks pipe6", "stream", {"pipe": 6}),
     ("blocks-bisect w1 nreg128", "stream", {"variant": "blocks-bisect", "num_warps": 1, "maxnreg": 128}),
 ]
 BATCHED = [
     ("tile (first kernel)", "tile", {}),
     ("blocks w1 nreg128 pipe4 (default)", "stream", {}),
+    ("split: pass 1 in 4-row programs", "stream", {"variant": "split"}),
     ("blocks prefetch 1 by hand", "stream", {"pipe": 0, "prefetch": 1}),
-    ("blocks no prefetch", "stream", {"pipe": 0, "prefetch": 0}),
+    ("split: pass 1 in 8-row programs", "stream", {"variant": "split", "rows": 8}),
     ("list r1 w1", "stream", {"variant": "list", "rows": 1, "vectors": 1, "num_warps": 1}),
 ]
 # a few settings also on SDXL shapes and on statistics with a few dominant columns

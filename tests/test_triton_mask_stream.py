@@ -1,4 +1,4 @@
-"""The streaming memorized_mask kernels (blocks, blocks-bisect, list) against the reference."""
+"""The streaming memorized_mask kernels (blocks, blocks-bisect, list, split) against the reference."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from memloc_kernels import reference as ref
 from memloc_kernels.triton import _config, mask_stream
 
 pytestmark = MARKS
-VARIANTS = ["blocks", "blocks-bisect", "list"]
+VARIANTS = ["blocks", "blocks-bisect", "list", "split"]
 
 
 def masks(weights, sumsqs, nulls, sparsity, **overrides):
@@ -124,6 +124,22 @@ def test_union_over_timesteps_with_short_spans():
     """Vectors split into spans of one: programs share a subset's words through atomic OR."""
     w = (torch.randn(3, 256) * 0.02).half()
     assert_masks([w], [lognormal(2, 5, 256)], [lognormal(2, 5, 256)], 0.02, span=1, progs_per_sm=1)
+
+
+@pytest.mark.parametrize("group, rows", [(0, 4), (2, 2), (4, 8)], ids=["one-group", "3-groups-R2", "2-groups-R8"])
+def test_split_groups_of_subsets_and_pass1_rows(group, rows):
+    """The split variant: vectors in groups of whole subsets (buffer offsets, output subsets shift per
+    group), pass-1 programs of 2-8 rows (layers whose height is not a multiple), several widths."""
+    shapes = [(5, 160), (3, 77), (6, 320)]
+    ws = [(torch.randn(s) * 0.02).half() for s in shapes]
+    assert_masks(ws, [lognormal(3, 2, d) for _, d in shapes], [lognormal(3, 2, d) for _, d in shapes], 0.03,
+                 variant="split", group=group, rows=rows)
+
+
+def test_split_group_must_hold_whole_subsets():
+    w = (torch.randn(2, 64) * 0.02).half()
+    with pytest.raises(ValueError, match="multiple of the timesteps"):
+        masks([w], [lognormal(2, 2, 64)], [lognormal(2, 2, 64)], 0.05, variant="split", group=3)
 
 
 def test_or_into_existing_words():

@@ -281,7 +281,7 @@ def _blocks_mask_kernel(
     n_items, n_vec, n_t, vec_span, bmx_stride,
     CH: tl.constexpr, CAPB: tl.constexpr, BOUND_STEPS: tl.constexpr, EVEN: tl.constexpr, ALIGNED: tl.constexpr,
     TWO_LEVEL: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
-    PIPE: tl.constexpr,
+    PIPE: tl.constexpr, FROM_PASS1: tl.constexpr = False, pre_ptr=None, lay_b_ptr=None, lay_r_ptr=None,
 ):
     """One (row, vector) at a time; pass 2 reads back only the 8-column blocks that can hold a winner.
 
@@ -311,58 +311,67 @@ def _blocks_mask_kernel(
         for v32 in range(vfirst, vend):
             v = tl.zeros([], tl.int64) + v32
             n_row = n_ptr + n_off + v * d_in
-            # 1. strided group maxima (the bound) and 8-column block maxima (to scratch)
-            gmax = tl.full([CH], -1.0, tl.float32)
-            if PREFETCH > 0:
-                # the loads of the next PREFETCH chunks are issued before this chunk's arithmetic,
-                # so a program keeps PREFETCH + 1 memory round trips in flight
-                wv = tl.load(w_row + cols, mask=cols < d_in, other=0.0)
-                nv = tl.load(n_row + cols, mask=cols < d_in, other=0.0)
-                w1 = wv
-                n1 = nv
-                if PREFETCH > 1:
-                    w1 = tl.load(w_row + CH + cols, mask=CH + cols < d_in, other=0.0)
-                    n1 = tl.load(n_row + CH + cols, mask=CH + cols < d_in, other=0.0)
-                for c0 in range(0, d_in, CH):
-                    c = c0 + cols
-                    ahead = c + PREFETCH * CH
-                    wn = tl.load(w_row + ahead, mask=ahead < d_in, other=0.0)
-                    nn = tl.load(n_row + ahead, mask=ahead < d_in, other=0.0)
-                    s = tl.abs(wv.to(tl.float32)) * nv
-                    if not EVEN:
-                        s = tl.where(c < d_in, s, -1.0)
-                    gmax = tl.maximum(gmax, s)
-                    tl.store(bmx + c0 // 8 + bidx, tl.max(tl.reshape(s, [NB, 8]), axis=1))
-                    if PREFETCH > 1:
-                        wv = w1
-                        nv = n1
-                        w1 = wn
-                        n1 = nn
-                    else:
-                        wv = wn
-                        nv = nn
-            elif PIPE > 1:  # Triton's software pipeliner: async copies PIPE - 1 chunks ahead
-                for c0 in tl.range(0, d_in, CH, num_stages=PIPE):
-                    gmax = _pass1_step(w_row, n_row, bmx, c0, cols, bidx, d_in, gmax, EVEN, NB)
+            if FROM_PASS1:  # pass 1 and the bound ran in mask_split's streaming kernel
+                layer = tl.load(item_layer_ptr + item)
+                prob = tl.load(lay_r_ptr + layer) + v * d_out + row
+                brow = bmx_ptr + tl.load(lay_b_ptr + layer) + (v * d_out + row) * n_blocks
+                lo = tl.load(pre_ptr + 2 * prob)
+                top = tl.load(pre_ptr + 2 * prob + 1)
             else:
-                for c0 in range(0, d_in, CH):
-                    gmax = _pass1_step(w_row, n_row, bmx, c0, cols, bidx, d_in, gmax, EVEN, NB)
+                brow = bmx
+                # 1. strided group maxima (the bound) and 8-column block maxima (to scratch)
+                gmax = tl.full([CH], -1.0, tl.float32)
+                if PREFETCH > 0:
+                    # the loads of the next PREFETCH chunks are issued before this chunk's arithmetic,
+                    # so a program keeps PREFETCH + 1 memory round trips in flight
+                    wv = tl.load(w_row + cols, mask=cols < d_in, other=0.0)
+                    nv = tl.load(n_row + cols, mask=cols < d_in, other=0.0)
+                    w1 = wv
+                    n1 = nv
+                    if PREFETCH > 1:
+                        w1 = tl.load(w_row + CH + cols, mask=CH + cols < d_in, other=0.0)
+                        n1 = tl.load(n_row + CH + cols, mask=CH + cols < d_in, other=0.0)
+                    for c0 in range(0, d_in, CH):
+                        c = c0 + cols
+                        ahead = c + PREFETCH * CH
+                        wn = tl.load(w_row + ahead, mask=ahead < d_in, other=0.0)
+                        nn = tl.load(n_row + ahead, mask=ahead < d_in, other=0.0)
+                        s = tl.abs(wv.to(tl.float32)) * nv
+                        if not EVEN:
+                            s = tl.where(c < d_in, s, -1.0)
+                        gmax = tl.maximum(gmax, s)
+                        tl.store(bmx + c0 // 8 + bidx, tl.max(tl.reshape(s, [NB, 8]), axis=1))
+                        if PREFETCH > 1:
+                            wv = w1
+                            nv = n1
+                            w1 = wn
+                            n1 = nn
+                        else:
+                            wv = wn
+                            nv = nn
+                elif PIPE > 1:  # Triton's software pipeliner: async copies PIPE - 1 chunks ahead
+                    for c0 in tl.range(0, d_in, CH, num_stages=PIPE):
+                        gmax = _pass1_step(w_row, n_row, bmx, c0, cols, bidx, d_in, gmax, EVEN, NB)
+                else:
+                    for c0 in range(0, d_in, CH):
+                        gmax = _pass1_step(w_row, n_row, bmx, c0, cols, bidx, d_in, gmax, EVEN, NB)
             if STAGES < 2:  # timing aid: pass 1 only (keep gmax alive)
                 top = tl.max(gmax, axis=0).to(tl.int32, bitcast=True)
                 tl.store(lst + tl.arange(0, 1), tl.zeros([1], tl.int32) + top)
             else:
-                # 2. a lower bound reached by >= k group maxima (start 8 octaves below the top)
-                gb = gmax.to(tl.int32, bitcast=True)
-                top = tl.max(gb, axis=0)
-                lo = tl.maximum(top - (8 << 23), 0)
-                far = tl.sum((gb >= lo).to(tl.int32), axis=0) < k
-                hi = tl.where(far, tl.maximum(lo, 1), top + 1)
-                lo = tl.where(far, 0, lo)
-                for _ in tl.static_range(BOUND_STEPS):
-                    mid = lo + (hi - lo) // 2
-                    up = tl.sum((gb >= mid).to(tl.int32), axis=0) >= k
-                    lo = tl.where(up, mid, lo)
-                    hi = tl.where(up, hi, mid)
+                if not FROM_PASS1:
+                    # 2. a lower bound reached by >= k group maxima (start 8 octaves below the top)
+                    gb = gmax.to(tl.int32, bitcast=True)
+                    top = tl.max(gb, axis=0)
+                    lo = tl.maximum(top - (8 << 23), 0)
+                    far = tl.sum((gb >= lo).to(tl.int32), axis=0) < k
+                    hi = tl.where(far, tl.maximum(lo, 1), top + 1)
+                    lo = tl.where(far, 0, lo)
+                    for _ in tl.static_range(BOUND_STEPS):
+                        mid = lo + (hi - lo) // 2
+                        up = tl.sum((gb >= mid).to(tl.int32), axis=0) >= k
+                        lo = tl.where(up, mid, lo)
+                        hi = tl.where(up, hi, mid)
                 tl.debug_barrier()  # block maxima stored by all threads
                 # 3. the blocks whose maximum reaches lo, listed in column order. (Triton moves the
                 # scattered store's pointers through shared memory, 24 % of the instructions; one
@@ -370,7 +379,7 @@ def _blocks_mask_kernel(
                 nh = 0
                 for b0 in range(0, n_blocks, CH):
                     b = b0 + lanes
-                    bb = tl.load(bmx + b, mask=b < n_blocks, other=-1.0).to(tl.int32, bitcast=True)
+                    bb = tl.load(brow + b, mask=b < n_blocks, other=-1.0).to(tl.int32, bitcast=True)
                     hit = bb >= lo
                     pos = nh + tl.cumsum(hit.to(tl.int32), axis=0) - 1
                     tl.store(lst + pos, b, mask=hit & (pos < CAPB))
@@ -391,7 +400,7 @@ def _blocks_mask_kernel(
                         if TWO_LEVEL:
                             # first the k-th largest block maximum (4 values per lane): at least k scores
                             # reach it, and usually only a few more (blocks holding two of the top k)
-                            hb = tl.load(bmx + blk, mask=blk >= 0, other=-1.0).to(tl.int32, bitcast=True)
+                            hb = tl.load(brow + blk, mask=blk >= 0, other=-1.0).to(tl.int32, bitcast=True)
                             lo = _kth_bits(hb[:, None], lo, top, nh, k)
                             # then drop the smallest scores >= lo, one distinct value at a time, while
                             # at least k remain: ends at exactly k, or at the k-th value (a tie)
@@ -440,7 +449,8 @@ MAXNREG = 128
 
 @dataclasses.dataclass(frozen=True)
 class StreamConfig:
-    """``variant``: ``"blocks"`` (pass 2 gathers the 8-column blocks that can hold a winner) or
+    """``variant``: ``"blocks"`` (pass 2 gathers the 8-column blocks that can hold a winner),
+    ``"split"`` (the same selection after a separate multi-warp pass-1 kernel: ``mask_split``) or
     ``"list"`` (pass 2 streams the whole row into a list of every score >= the bound);
     ``"blocks-bisect"`` is ``"blocks"`` with one bisection over the gathered tile instead of two
     levels (block maxima, then dropping the smallest); ``rows`` x
@@ -491,7 +501,7 @@ def stream_config(d_ins: Sequence[int], ks: Sequence[int], n_vec: int, n_rows: i
     span = int(forced.get("span", vectors * -(-tiles // pieces)))
     # the blocks variant compiles to ~210 registers (the gathered tile's loads in flight); capping
     # at 128 doubles the programs per SM without spilling (H200 sweep: 218 -> 143 us, BENCHMARKS.md)
-    maxnreg = int(forced.get("maxnreg", MAXNREG if variant == "blocks" and num_warps == 1 else 0))
+    maxnreg = int(forced.get("maxnreg", MAXNREG if variant in ("blocks", "split") and num_warps == 1 else 0))
     # pass 1 through Triton's pipeliner, 4 stages (3 chunks of async copies in flight): 803.7 ->
     # 753.1 us SDXL, 119.9 -> 119.3 us SD1.5 against prefetching one chunk by hand in registers
     # (which beat no prefetch by 2 %; BENCHMARKS.md)
@@ -541,6 +551,14 @@ def launch_stream(weights, roots: torch.Tensor, n_starts: Sequence[int], z_start
     heights = [w.shape[0] for w in weights]
     d_ins = [w.shape[1] for w in weights]
     cfg = stream_config(d_ins, ks, n_vec, sum(heights), device)
+    if stats is None:
+        stats = slow_path_counter(device)
+    if cfg.variant == "split":
+        from . import mask_split  # it launches this module's blocks kernel for the selection
+
+        mask_split.launch_split(weights, roots, n_starts, z_starts, ks, outs, n_vec, n_t, stats, stream_config,
+                                _blocks_mask_kernel, _item_tables)
+        return
     w_base, w_offs = _config.element_offsets(weights)
     o_base, o_offs = _config.element_offsets(outs)
     lay, row, vec = _item_tables(heights, d_ins, n_vec, cfg, device)
@@ -548,8 +566,6 @@ def launch_stream(weights, roots: torch.Tensor, n_starts: Sequence[int], z_start
     key = (cfg, w_base.dtype, str(device))
     per_sm = _OCCUPANCY.get(key, cfg.progs_per_sm)
     nprog = max(1, min(n_items, per_sm * _config.num_sms(device)))
-    if stats is None:
-        stats = slow_path_counter(device)
     tab = lambda vals, dt: _config.device_table(tuple(vals), dt, device)
     aligned = all(x % 16 == 0 for x in (*w_offs, *n_starts, *z_starts, *d_ins))
     tables = (lay, row, vec, tab(w_offs, torch.int64), tab(n_starts, torch.int64), tab(z_starts, torch.int64),
