@@ -16,11 +16,14 @@ Not measured on a GPU yet; ``stream_overrides(variant="split")`` selects it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
 from . import _config
+from .mask_stream import _blocks_mask_kernel, _item, _item_tables, bound_rows
 
 #: Upper bound for the block-maxima buffer of one group of vectors.
 SPLIT_BYTES = 256 << 20
@@ -28,24 +31,18 @@ SPLIT_BYTES = 256 << 20
 
 @triton.jit
 def _pass1_rows_kernel(w_ptr, n_ptr, bmx_ptr, pre_ptr, item_layer_ptr, item_row_ptr, item_vec_ptr,
-                       lay_w_ptr, lay_n_ptr, lay_b_ptr, lay_r_ptr, lay_dout_ptr, lay_din_ptr, lay_k_ptr,
+                       lay_w_ptr, lay_n_ptr, lay_z_ptr, lay_o_ptr, lay_dout_ptr, lay_din_ptr, lay_k_ptr,
+                       lay_b_ptr, lay_r_ptr, n_vec,
                        R: tl.constexpr, CH: tl.constexpr, BOUND_STEPS: tl.constexpr, EVEN: tl.constexpr,
                        ALIGNED: tl.constexpr, PIPE: tl.constexpr):
     """Rows ``[R]`` of one layer for one vector: block maxima to ``bmx``, (bound, top) bits to ``pre``."""
     NB: tl.constexpr = CH // 8
     item = tl.program_id(0)
     layer = tl.load(item_layer_ptr + item)
-    row0 = tl.load(item_row_ptr + item)
-    v = tl.load(item_vec_ptr + item).to(tl.int64)
-    d_in = tl.load(lay_din_ptr + layer)
-    d_out = tl.load(lay_dout_ptr + layer)
-    k = tl.load(lay_k_ptr + layer)
-    w_off = tl.load(lay_w_ptr + layer)
-    n_off = tl.load(lay_n_ptr + layer)
-    if ALIGNED:  # checked by the launcher: every offset and d_in a multiple of 16 elements
-        w_off = tl.multiple_of(w_off, 16)
-        n_off = tl.multiple_of(n_off, 16)
-        d_in = tl.multiple_of(d_in, 16)
+    row0, v, _, d_in, d_out, k, w_off, n_off, _, _ = _item(
+        item, item_layer_ptr, item_row_ptr, item_vec_ptr, lay_w_ptr, lay_n_ptr, lay_z_ptr, lay_o_ptr,
+        lay_dout_ptr, lay_din_ptr, lay_k_ptr, n_vec, 1, ALIGNED, False)
+    v = v.to(tl.int64)
     n_blocks = (d_in + 7) // 8
     rows = row0 + tl.arange(0, R)
     row_ok = rows < d_out
@@ -69,42 +66,10 @@ def _pass1_rows_kernel(w_ptr, n_ptr, bmx_ptr, pre_ptr, item_layer_ptr, item_row_
         tl.store(b_rows + b[None, :], tl.max(tl.reshape(s, [R, NB, 8]), axis=2),
                  mask=row_ok[:, None] & (b < n_blocks)[None, :])
         gmax = tl.maximum(gmax, s)
-    # the bound, row by row as in the blocks kernel: >= k group maxima reach lo
-    gb = gmax.to(tl.int32, bitcast=True)
-    top = tl.max(gb, axis=1)
-    lo = tl.maximum(top - (8 << 23), 0)
-    far = tl.sum((gb >= lo[:, None]).to(tl.int32), axis=1) < k
-    hi = tl.where(far, tl.maximum(lo, 1), top + 1)
-    lo = tl.where(far, 0, lo)
-    for _ in tl.static_range(BOUND_STEPS):
-        mid = lo + (hi - lo) // 2
-        up = tl.sum((gb >= mid[:, None]).to(tl.int32), axis=1) >= k
-        lo = tl.where(up, mid, lo)
-        hi = tl.where(up, hi, mid)
+    lo, top = bound_rows(gmax, k, BOUND_STEPS)  # the same bound as the blocks kernel's, per row
     pre = pre_ptr + 2 * (tl.load(lay_r_ptr + layer) + prob)
     tl.store(pre, lo, mask=row_ok)
     tl.store(pre + 1, top, mask=row_ok)
-
-
-_TABLES: dict[tuple, tuple[torch.Tensor, ...]] = {}
-
-
-def _pass1_items(heights, n_vec: int, rows: int, device):
-    """item -> (layer, first row, vector) for the pass-1 kernel, widest layers first is not needed
-    (one program per item, no persistence)."""
-    key = (tuple(heights), n_vec, rows, str(device))
-    if key not in _TABLES:
-        lay, row, vec = [], [], []
-        for i, h in enumerate(heights):
-            for v in range(n_vec):
-                for r in range(0, h, rows):
-                    lay.append(i)
-                    row.append(r)
-                    vec.append(v)
-        if len(_TABLES) > 64:
-            _TABLES.clear()
-        _TABLES[key] = tuple(torch.tensor(x, dtype=torch.int32).to(device) for x in (lay, row, vec))
-    return _TABLES[key]
 
 
 def group_size(heights, d_ins, n_vec: int, n_t: int, forced: int = 0) -> int:
@@ -117,11 +82,9 @@ def group_size(heights, d_ins, n_vec: int, n_t: int, forced: int = 0) -> int:
     return min(n_vec, n_t * max(1, SPLIT_BYTES // (per_vec * n_t)))
 
 
-def launch_split(weights, roots, n_starts, z_starts, ks, outs, n_vec: int, n_t: int, stats, stream_config,
-                 blocks_kernel, item_tables) -> None:
-    """Both kernels for every group of vectors; arguments as ``mask_stream.launch_stream``'s (plus
-    that module's config function, blocks kernel and item tables, passed in to avoid an import
-    cycle)."""
+def launch_split(weights, roots, n_starts, z_starts, ks, outs, n_vec: int, n_t: int, stats, cfg_of) -> None:
+    """Both kernels for every group of vectors; arguments as ``mask_stream.launch_stream``'s, and
+    ``cfg_of(d_ins, ks, n_vec, n_rows, device)``, its StreamConfig heuristic."""
     device = weights[0].device
     heights = [w.shape[0] for w in weights]
     d_ins = [w.shape[1] for w in weights]
@@ -142,29 +105,29 @@ def launch_split(weights, roots, n_starts, z_starts, ks, outs, n_vec: int, n_t: 
     tab = lambda vals, dt: _config.device_table(tuple(vals), dt, device)
     for g0 in range(0, n_vec, group):
         g = min(group, n_vec - g0)
-        cfg = stream_config(d_ins, ks, g, sum(heights), device)
+        cfg = cfg_of(d_ins, ks, g, sum(heights), device)
         ns = [n + g0 * d for n, d in zip(n_starts, d_ins)]
         zs = [z + g0 * d for z, d in zip(z_starts, d_ins)]
         os_ = [o + (g0 // n_t) * h * -(-d // 32) for o, h, d in zip(o_offs, heights, d_ins)]
         aligned = all(x % 16 == 0 for x in (*w_offs, *ns, *zs, *d_ins))
         even = all(d % cfg.chunk == 0 for d in d_ins)
-        common = (tab(w_offs, torch.int64), tab(ns, torch.int64))
-        sizes = (tab(heights, torch.int32), tab(d_ins, torch.int32), tab(ks, torch.int32))
+        layer_tabs = (tab(w_offs, torch.int64), tab(ns, torch.int64), tab(zs, torch.int64), tab(os_, torch.int64),
+                      tab(heights, torch.int32), tab(d_ins, torch.int32), tab(ks, torch.int32))
         lay_b, lay_r = tab(b_offs, torch.int64), tab(r_offs, torch.int64)
-        p_lay, p_row, p_vec = _pass1_items(heights, g, rows, device)
+        # pass-1 items: R rows x one vector each (the blocks kernel's item order, widest first)
+        p_lay, p_row, p_vec = _item_tables(heights, d_ins, g, dataclasses.replace(cfg, rows=rows, span=1), device)
         _pass1_rows_kernel[(p_lay.numel(),)](
-            w_base, roots, bmx, pre, p_lay, p_row, p_vec, *common, lay_b, lay_r, *sizes,
+            w_base, roots, bmx, pre, p_lay, p_row, p_vec, *layer_tabs, lay_b, lay_r, g,
             R=rows, CH=cfg.chunk, BOUND_STEPS=cfg.bound_steps, EVEN=even, ALIGNED=aligned,
             PIPE=max(cfg.pipe, 1), num_warps=rows)
-        lay, row, vec = item_tables(heights, d_ins, g, cfg, device)
+        lay, row, vec = _item_tables(heights, d_ins, g, cfg, device)
         n_items = lay.numel()
         key = (cfg, w_base.dtype, str(device))
         nprog = max(1, min(n_items, _OCCUPANCY.get(key, cfg.progs_per_sm) * _config.num_sms(device)))
         regs_cap = {"maxnreg": cfg.maxnreg} if cfg.maxnreg and not _config.interpreting() else {}
         lst = torch.empty(nprog * cfg.cap, dtype=torch.int32, device=device)
-        tables = (lay, row, vec, *common, tab(zs, torch.int64), tab(os_, torch.int64), *sizes)
-        compiled = blocks_kernel[(nprog,)](
-            w_base, roots, roots, o_base, bmx, lst, stats, *tables, n_items, g, n_t, cfg.span, 0,
+        compiled = _blocks_mask_kernel[(nprog,)](
+            w_base, roots, roots, o_base, bmx, lst, stats, lay, row, vec, *layer_tabs, n_items, g, n_t, cfg.span, 0,
             CH=cfg.chunk, CAPB=cfg.cap, BOUND_STEPS=cfg.bound_steps, EVEN=even, ALIGNED=aligned,
             TWO_LEVEL=True, PREFETCH=0, STAGES=3, PIPE=0, FROM_PASS1=True, pre_ptr=pre, lay_b_ptr=lay_b,
             lay_r_ptr=lay_r, num_warps=1, **regs_cap)

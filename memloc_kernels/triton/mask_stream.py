@@ -134,6 +134,27 @@ def _item(item, item_layer_ptr, item_row_ptr, item_vec_ptr, lay_w_ptr, lay_n_ptr
 
 
 @triton.jit
+def bound_rows(gmax, k, BOUND_STEPS: tl.constexpr):
+    """Per row of ``gmax`` ``[M, CH]`` (strided group maxima of non-negative scores): ``lo`` with
+    >= k group maxima >= lo, hence >= k scores >= lo, and the bits of the row's top score.
+
+    Bisection on the float bits (non-negative floats order like their int32 patterns), starting
+    8 octaves below the top; rows with fewer than k maxima there start from 0."""
+    gb = gmax.to(tl.int32, bitcast=True)
+    top = tl.max(gb, axis=1)
+    lo = tl.maximum(top - (8 << 23), 0)
+    far = tl.sum((gb >= lo[:, None]).to(tl.int32), axis=1) < k
+    hi = tl.where(far, tl.maximum(lo, 1), top + 1)
+    lo = tl.where(far, 0, lo)
+    for _ in tl.static_range(BOUND_STEPS):
+        mid = lo + (hi - lo) // 2
+        up = tl.sum((gb >= mid[:, None]).to(tl.int32), axis=1) >= k
+        lo = tl.where(up, mid, lo)
+        hi = tl.where(up, hi, mid)
+    return lo, top
+
+
+@triton.jit
 def _stream_mask_kernel(
     w_ptr, n_ptr, z_ptr, out_ptr, scr_ptr, stats_ptr,
     item_layer_ptr, item_row_ptr, item_vec_ptr,
@@ -173,18 +194,8 @@ def _stream_mask_kernel(
             gmax = tl.full([M, CH], -1.0, tl.float32)
             for c0 in range(0, d_in, CH):
                 gmax = tl.maximum(gmax, _scores(w_rows, n_rows, c0 + cols, d_in, row_ok, vec_ok, EVEN, R, V, CH))
-            # 2. a lower bound reached by >= k group maxima (start 8 octaves below the top)
-            gb = gmax.to(tl.int32, bitcast=True)
-            top = tl.max(gb, axis=1)
-            lo = tl.maximum(top - (8 << 23), 0)
-            far = tl.sum((gb >= lo[:, None]).to(tl.int32), axis=1) < k
-            hi = tl.where(far, tl.maximum(lo, 1), top + 1)
-            lo = tl.where(far, 0, lo)
-            for _ in tl.static_range(BOUND_STEPS):
-                mid = lo + (hi - lo) // 2
-                up = tl.sum((gb >= mid[:, None]).to(tl.int32), axis=1) >= k
-                lo = tl.where(up, mid, lo)
-                hi = tl.where(up, hi, mid)
+            # 2. a lower bound reached by >= k group maxima
+            lo, top = bound_rows(gmax, k, BOUND_STEPS)
             # 3. every score >= lo into the list, in column order
             cnt = tl.zeros([M], dtype=tl.int32)
             for c0 in range(0, d_in, CH):
@@ -554,10 +565,9 @@ def launch_stream(weights, roots: torch.Tensor, n_starts: Sequence[int], z_start
     if stats is None:
         stats = slow_path_counter(device)
     if cfg.variant == "split":
-        from . import mask_split  # it launches this module's blocks kernel for the selection
+        from . import mask_split  # imported here: it imports this module
 
-        mask_split.launch_split(weights, roots, n_starts, z_starts, ks, outs, n_vec, n_t, stats, stream_config,
-                                _blocks_mask_kernel, _item_tables)
+        mask_split.launch_split(weights, roots, n_starts, z_starts, ks, outs, n_vec, n_t, stats, stream_config)
         return
     w_base, w_offs = _config.element_offsets(weights)
     o_base, o_offs = _config.element_offsets(outs)
