@@ -32,6 +32,7 @@ SINGLE = [
     ("blocks prefetch 1 by hand", "stream", {"pipe": 0, "prefetch": 1}),
     ("split: pass 1 in 8-row programs", "stream", {"variant": "split", "rows": 8}),
     ("split: 2-row programs, no pipeliner", "stream", {"variant": "split", "rows": 2, "pipe": 0}),
+    ("split, selection per width", "stream", {"variant": "split", "by_width": 1}),
     ("list r1 w1", "stream", {"variant": "list", "rows": 1, "num_warps": 1}),
     ("blocks-bisect w1 nreg128", "stream", {"variant": "blocks-bisect", "num_warps": 1, "maxnreg": 128}),
 ]
@@ -41,6 +42,7 @@ BATCHED = [
     ("split: pass 1 in 4-row programs", "stream", {"variant": "split"}),
     ("blocks prefetch 1 by hand", "stream", {"pipe": 0, "prefetch": 1}),
     ("split: pass 1 in 8-row programs", "stream", {"variant": "split", "rows": 8}),
+    ("split, selection per width", "stream", {"variant": "split", "by_width": 1}),
     ("list r1 w1", "stream", {"variant": "list", "rows": 1, "vectors": 1, "num_warps": 1}),
 ]
 # a few settings also on SDXL shapes and on statistics with a few dominant columns

@@ -126,14 +126,17 @@ def test_union_over_timesteps_with_short_spans():
     assert_masks([w], [lognormal(2, 5, 256)], [lognormal(2, 5, 256)], 0.02, span=1, progs_per_sm=1)
 
 
-@pytest.mark.parametrize("group, rows", [(0, 4), (2, 2), (4, 8)], ids=["one-group", "3-groups-R2", "2-groups-R8"])
-def test_split_groups_of_subsets_and_pass1_rows(group, rows):
+@pytest.mark.parametrize("group, rows, by_width", [(0, 4, 0), (2, 2, 0), (4, 8, 1), (0, 4, 1)],
+                         ids=["one-group", "3-groups-R2", "2-groups-R8-by-width", "one-group-by-width"])
+def test_split_groups_of_subsets_and_pass1_rows(group, rows, by_width):
     """The split variant: vectors in groups of whole subsets (buffer offsets, output subsets shift per
-    group), pass-1 programs of 2-8 rows (layers whose height is not a multiple), several widths."""
-    shapes = [(5, 160), (3, 77), (6, 320)]
+    group), pass-1 programs of 2-8 rows (layers whose height is not a multiple), several widths
+    (k 7, 16 and 32: tiles of 32, 64 and 128 blocks when each width gets its own) selected in one
+    launch or in one launch per width."""
+    shapes = [(5, 160), (3, 77), (6, 320), (2, 160)]
     ws = [(torch.randn(s) * 0.02).half() for s in shapes]
-    assert_masks(ws, [lognormal(3, 2, d) for _, d in shapes], [lognormal(3, 2, d) for _, d in shapes], 0.03,
-                 variant="split", group=group, rows=rows)
+    assert_masks(ws, [lognormal(3, 2, d) for _, d in shapes], [lognormal(3, 2, d) for _, d in shapes], 0.1,
+                 variant="split", group=group, rows=rows, by_width=by_width)
 
 
 def test_split_group_must_hold_whole_subsets():

@@ -11,7 +11,9 @@ them, and selects exactly as in the one-kernel variant, so the masks are the sam
 
 The buffer holds ``sum(d_out * d_in / 8)`` floats per statistics vector (24.8 MB for SD1.5's 16
 layers), so batches run in groups of whole subsets (``T`` vectors each) that fit ``SPLIT_BYTES``.
-Not measured on a GPU yet; ``stream_overrides(variant="split")`` selects it.
+Not measured on a GPU yet; ``stream_overrides(variant="split")`` selects it, with ``rows`` (warps
+per pass-1 program, default 4), ``group`` (vectors per group) and ``by_width`` (one selection launch
+per layer width, each with a tile sized by its own k) as further overrides.
 """
 
 from __future__ import annotations
@@ -120,20 +122,34 @@ def launch_split(weights, roots, n_starts, z_starts, ks, outs, n_vec: int, n_t: 
             w_base, roots, bmx, pre, p_lay, p_row, p_vec, *layer_tabs, lay_b, lay_r, g,
             R=rows, CH=cfg.chunk, BOUND_STEPS=cfg.bound_steps, EVEN=even, ALIGNED=aligned,
             PIPE=max(cfg.pipe, 1), num_warps=rows)
-        lay, row, vec = _item_tables(heights, d_ins, g, cfg, device)
-        n_items = lay.numel()
-        key = (cfg, w_base.dtype, str(device))
-        nprog = max(1, min(n_items, _OCCUPANCY.get(key, cfg.progs_per_sm) * _config.num_sms(device)))
-        regs_cap = {"maxnreg": cfg.maxnreg} if cfg.maxnreg and not _config.interpreting() else {}
-        lst = torch.empty(nprog * cfg.cap, dtype=torch.int32, device=device)
-        compiled = _blocks_mask_kernel[(nprog,)](
-            w_base, roots, roots, o_base, bmx, lst, stats, lay, row, vec, *layer_tabs, n_items, g, n_t, cfg.span, 0,
-            CH=cfg.chunk, CAPB=cfg.cap, BOUND_STEPS=cfg.bound_steps, EVEN=even, ALIGNED=aligned,
-            TWO_LEVEL=True, PREFETCH=0, STAGES=3, PIPE=0, FROM_PASS1=True, pre_ptr=pre, lay_b_ptr=lay_b,
-            lay_r_ptr=lay_r, num_warps=1, **regs_cap)
-        regs = getattr(compiled, "n_regs", 0)
-        if device.type == "cuda" and regs and key not in _OCCUPANCY and "progs_per_sm" not in forced:
-            _OCCUPANCY[key] = max(1, min(65536 // (regs * 32), 32))  # one-warp programs the registers allow
+        # the selection: one launch, or (by_width) one per layer width, each with a tile sized by
+        # its own largest k (narrow layers then gather 32 or 64 blocks instead of the widest's 128)
+        classes = sorted(set(d_ins), reverse=True) if forced.get("by_width") else [None]
+        for width in classes:
+            hs = [h if width in (None, d) else 0 for h, d in zip(heights, d_ins)]  # other layers: no items
+            kk = [kv for kv, d in zip(ks, d_ins) if width in (None, d)]
+            sel_cfg = cfg if width is None else cfg_of([width], kk, g, sum(hs), device)
+            _select(sel_cfg, hs, d_ins, g, n_t, w_base, roots, o_base, bmx, pre, stats, layer_tabs, lay_b, lay_r,
+                    aligned, all(d % sel_cfg.chunk == 0 for d, h in zip(d_ins, hs) if h), forced, device)
+
+
+def _select(cfg, heights, d_ins, n_vec, n_t, w_base, roots, o_base, bmx, pre, stats, layer_tabs, lay_b, lay_r,
+            aligned, even, forced, device) -> None:
+    """The blocks kernel on pass 1's bounds and block maxima for the layers with a height here."""
+    lay, row, vec = _item_tables(heights, d_ins, n_vec, cfg, device)
+    n_items = lay.numel()
+    key = (cfg, w_base.dtype, str(device))
+    nprog = max(1, min(n_items, _OCCUPANCY.get(key, cfg.progs_per_sm) * _config.num_sms(device)))
+    regs_cap = {"maxnreg": cfg.maxnreg} if cfg.maxnreg and not _config.interpreting() else {}
+    lst = torch.empty(nprog * cfg.cap, dtype=torch.int32, device=device)
+    compiled = _blocks_mask_kernel[(nprog,)](
+        w_base, roots, roots, o_base, bmx, lst, stats, lay, row, vec, *layer_tabs, n_items, n_vec, n_t, cfg.span, 0,
+        CH=cfg.chunk, CAPB=cfg.cap, BOUND_STEPS=cfg.bound_steps, EVEN=even, ALIGNED=aligned,
+        TWO_LEVEL=True, PREFETCH=0, STAGES=3, PIPE=0, FROM_PASS1=True, pre_ptr=pre, lay_b_ptr=lay_b,
+        lay_r_ptr=lay_r, num_warps=1, **regs_cap)
+    regs = getattr(compiled, "n_regs", 0)
+    if device.type == "cuda" and regs and key not in _OCCUPANCY and "progs_per_sm" not in forced:
+        _OCCUPANCY[key] = max(1, min(65536 // (regs * 32), 32))  # one-warp programs the registers allow
 
 
 _OCCUPANCY: dict[tuple, int] = {}
