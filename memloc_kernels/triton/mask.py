@@ -179,6 +179,35 @@ def _bound_round(ma, mb, lo, width, k, PB: tl.constexpr):
 
 
 @triton.jit
+def _row_columns(PA: tl.constexpr, PBW: tl.constexpr, NT: tl.constexpr, VEC: tl.constexpr):
+    """Column indices of a row's block A ``[RA, NT, VEC]`` and block B ``[RB, NT, VEC]``."""
+    t = tl.arange(0, NT)
+    jv = tl.arange(0, VEC)
+    ca = (tl.arange(0, PA // (NT * VEC))[:, None, None] * NT + t[None, :, None]) * VEC + jv[None, None, :]
+    cb = PA + (tl.arange(0, PBW // (NT * VEC))[:, None, None] * NT + t[None, :, None]) * VEC + jv[None, None, :]
+    return ca, cb
+
+
+@triton.jit
+def _task(task, row_layer_ptr, row_index_ptr, lay_w_ptr, lay_n_ptr, lay_z_ptr, lay_o_ptr, lay_d_ptr,
+          ALIGNED: tl.constexpr):
+    """A task's weight row and its layer's height and element offsets (W, norms, null norms, output).
+
+    ``ALIGNED`` (checked by the launcher) marks the W and norm offsets as multiples of 16 here, on
+    the loads themselves: ``tl.multiple_of`` on a value returned from a helper marks the call, and
+    after inlining every value it returns (the row index too)."""
+    layer = tl.load(row_layer_ptr + task)
+    w_off = tl.load(lay_w_ptr + layer)
+    n_off = tl.load(lay_n_ptr + layer)
+    z_off = tl.load(lay_z_ptr + layer)
+    if ALIGNED:  # lets the compiler vectorize the row loads
+        w_off = tl.multiple_of(w_off, 16)
+        n_off = tl.multiple_of(n_off, 16)
+        z_off = tl.multiple_of(z_off, 16)
+    return tl.load(row_index_ptr + task), tl.load(lay_d_ptr + layer), w_off, n_off, z_off, tl.load(lay_o_ptr + layer)
+
+
+@triton.jit
 def _memorized_mask_kernel(
     w_ptr, n_ptr, z_ptr, out_ptr, scr_ptr, flag_ptr,
     row_layer_ptr, row_index_ptr, lay_w_ptr, lay_n_ptr, lay_z_ptr, lay_o_ptr, lay_d_ptr,
@@ -193,10 +222,7 @@ def _memorized_mask_kernel(
     NCH: tl.constexpr = CG * VEC // QW
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    t = tl.arange(0, NT)
-    jv = tl.arange(0, VEC)
-    ca = (tl.arange(0, RA)[:, None, None] * NT + t[None, :, None]) * VEC + jv[None, None, :]  # [RA, NT, VEC]
-    cb = PA + (tl.arange(0, RB)[:, None, None] * NT + t[None, :, None]) * VEC + jv[None, None, :]
+    ca, cb = _row_columns(PA, PBW, NT, VEC)
     jr = tl.arange(0, 2 * VEC)
     tb = tl.arange(0, TB)
     scr = scr_ptr + pid.to(tl.int64) * (TB * (CG + 1) * 2 * VEC)  # [TB, CG + 1, VEC, 2] records
@@ -213,17 +239,8 @@ def _memorized_mask_kernel(
         if PB > 0:
             raw_b = _load_cols(w_first, cb, d_in, 0.0, EVEN)
     for task in range(pid, n_rows, nprog):
-        layer = tl.load(row_layer_ptr + task)
-        row = tl.load(row_index_ptr + task)
-        d_out = tl.load(lay_d_ptr + layer)
-        w_off = tl.load(lay_w_ptr + layer)
-        n_off = tl.load(lay_n_ptr + layer)
-        z_off = tl.load(lay_z_ptr + layer)
-        o_off = tl.load(lay_o_ptr + layer)
-        if ALIGNED:  # checked by the launcher: lets the compiler vectorize the row loads
-            w_off = tl.multiple_of(w_off, 16)
-            n_off = tl.multiple_of(n_off, 16)
-            z_off = tl.multiple_of(z_off, 16)
+        row, d_out, w_off, n_off, z_off, o_off = _task(task, row_layer_ptr, row_index_ptr, lay_w_ptr, lay_n_ptr,
+                                                       lay_z_ptr, lay_o_ptr, lay_d_ptr, ALIGNED)
         w_row = w_ptr + w_off + row.to(tl.int64) * d_in
         if not PREFETCH:
             raw_a = _load_cols(w_row, ca, d_in, 0.0, EVEN)
@@ -365,26 +382,17 @@ def _dense_fallback_kernel(
     EVEN: tl.constexpr,
 ):
     """The exact dense path for the (row, vector) pairs that the main kernel flagged (deferred variant)."""
-    RA: tl.constexpr = PA // (NT * VEC)
-    RB: tl.constexpr = PBW // (NT * VEC)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    t = tl.arange(0, NT)
-    jv = tl.arange(0, VEC)
-    ca = (tl.arange(0, RA)[:, None, None] * NT + t[None, :, None]) * VEC + jv[None, None, :]
-    cb = PA + (tl.arange(0, RB)[:, None, None] * NT + t[None, :, None]) * VEC + jv[None, None, :]
+    ca, cb = _row_columns(PA, PBW, NT, VEC)
     for task in range(pid, n_rows, nprog):
         flags = flag_ptr + task * n_vw
         for wv in range(0, n_vw):
             word = tl.load(flags + wv)
             if word != 0:  # rare: the W row is loaded only for rows with a flagged vector
-                layer = tl.load(row_layer_ptr + task)
-                row = tl.load(row_index_ptr + task)
-                d_out = tl.load(lay_d_ptr + layer)
-                n_off = tl.load(lay_n_ptr + layer)
-                z_off = tl.load(lay_z_ptr + layer)
-                o_off = tl.load(lay_o_ptr + layer)
-                w_row = w_ptr + tl.load(lay_w_ptr + layer) + row.to(tl.int64) * d_in
+                row, d_out, w_off, n_off, z_off, o_off = _task(task, row_layer_ptr, row_index_ptr, lay_w_ptr,
+                                                               lay_n_ptr, lay_z_ptr, lay_o_ptr, lay_d_ptr, False)
+                w_row = w_ptr + w_off + row.to(tl.int64) * d_in
                 absa = _abs_row(_load_cols(w_row, ca, d_in, 0.0, EVEN), ca, d_in, EVEN)
                 absb = absa
                 if PB > 0:
