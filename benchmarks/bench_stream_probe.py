@@ -44,6 +44,16 @@ VARIANTS = [
     ("2 rows, 1 warp", 2, 256, 1, True, True, 0),
 ]
 
+# Column-slab layout: a program owns CH columns (its norms loaded once, kept in registers) and walks
+# a range of rows, so no norm is re-read per row. (name, rows per step, chunk columns, warps,
+# rows per program, pipeliner stages)
+SLAB_VARIANTS = [
+    ("slab 256 cols, 1 row/step, 1 warp", 1, 256, 1, 64, 0),
+    ("slab 256 cols, 4 rows/step, 4 warps", 4, 256, 4, 128, 0),
+    ("slab 256 cols, 4 rows/step, pipelined 3", 4, 256, 4, 128, 3),
+    ("slab 512 cols, 2 rows/step, 4 warps", 2, 512, 4, 128, 0),
+]
+
 
 @triton.jit
 def _probe_kernel(w_ptr, n_ptr, top_ptr, bmx_ptr, n_rows, d_in,
@@ -66,6 +76,44 @@ def _probe_kernel(w_ptr, n_ptr, top_ptr, bmx_ptr, n_rows, d_in,
                      bm, mask=ok[:, None])
         top = tl.maximum(top, s)
     tl.store(top_ptr + rows, tl.max(top, axis=1), mask=ok)
+
+
+@triton.jit
+def _slab_kernel(w_ptr, n_ptr, top_ptr, bmx_ptr, n_rows, d_in, rows_per_prog,
+                 ROWS: tl.constexpr, CH: tl.constexpr, PIPE: tl.constexpr):
+    """Columns ``[CH]`` of rows ``rows_per_prog``: per (row, slab) maximum of ``|W| * n`` to ``top``,
+    8-column maxima to ``bmx``; the slab's norms are loaded once."""
+    slab = tl.program_id(0)
+    n_slabs = tl.num_programs(0)
+    c = slab * CH + tl.arange(0, CH)
+    nv = tl.load(n_ptr + c)
+    r_begin = tl.program_id(1) * rows_per_prog
+    for r0 in tl.range(r_begin, r_begin + rows_per_prog, ROWS, num_stages=PIPE):
+        rows = r0 + tl.arange(0, ROWS)
+        ok = rows < n_rows
+        r64 = rows.to(tl.int64)
+        s = tl.abs(tl.load(w_ptr + r64[:, None] * d_in + c[None, :], mask=ok[:, None], other=0.0).to(tl.float32))
+        s = s * nv[None, :]
+        bm = tl.max(tl.reshape(s, [ROWS, CH // 8, 8]), axis=2)
+        tl.store(bmx_ptr + r64[:, None] * (d_in // 8) + (slab * (CH // 8) + tl.arange(0, CH // 8))[None, :],
+                 bm, mask=ok[:, None])
+        tl.store(top_ptr + r64 * n_slabs + slab, tl.max(s, axis=1), mask=ok)
+
+
+def run_slab(variant, w, n, top, bmx):
+    _, rows, ch, warps, per_prog, pipe = variant
+    grid = (w.shape[1] // ch, triton.cdiv(w.shape[0], per_prog))
+    _slab_kernel[grid](w, n, top, bmx, w.shape[0], w.shape[1], per_prog, ROWS=rows, CH=ch, PIPE=pipe,
+                       num_warps=warps)
+
+
+def check_slab(variant, w, n, top, bmx) -> bool:
+    run_slab(variant, w, n, top, bmx)
+    s = w.float().abs() * n
+    n_slabs = w.shape[1] // variant[2]
+    good = torch.equal(top.view(-1)[: w.shape[0] * n_slabs].view(w.shape[0], n_slabs).amax(dim=1),
+                       s.max(dim=1).values)
+    return good and torch.equal(bmx.view(w.shape[0], -1), s.view(w.shape[0], -1, 8).amax(dim=2))
 
 
 def run(variant, w, n, top, bmx):
@@ -92,6 +140,7 @@ def main() -> int:
         w = torch.randn(8, 1024).half()
         n = torch.rand(1024) + 0.5
         bad = [v[0] for v in VARIANTS if not check(v, w, n, torch.empty(8), torch.empty(8 * 128))]
+        bad += [v[0] for v in SLAB_VARIANTS if not check_slab(v, w, n, torch.empty(8 * 4), torch.empty(8 * 128))]
         print("all variants match torch" if not bad else f"MISMATCH: {bad}")
         return 1 if bad else 0
     if not torch.cuda.is_available():
@@ -107,7 +156,7 @@ def main() -> int:
     g = torch.Generator(device="cuda").manual_seed(0)
     w = torch.randn(n_rows, d_in, device="cuda", dtype=torch.float16, generator=g)
     n = torch.rand(d_in, device="cuda", generator=g) + 0.5
-    top = torch.empty(n_rows, device="cuda")
+    top = torch.empty(n_rows * (d_in // 256), device="cuda")  # per (row, slab) for the slab variants
     bmx = torch.empty(n_rows * d_in // 8, device="cuda")
     gb = w.numel() * 2 / 1e9
     copy_ms = tt.do_bench(lambda: w.clone(), rep=100)
@@ -116,9 +165,11 @@ def main() -> int:
     print(f"{info['gpu']}  triton {info['triton']}  W {gb * 1e3:.0f} MB; copy {2 * gb / copy_ms * 1e3:.0f} GB/s "
           f"(read + write)")
     out = []
-    for v in VARIANTS:
-        ok = check(v, w, n, top, bmx)
-        t = tt.do_bench_cudagraph(lambda v=v: run(v, w, n, top, bmx), rep=100, quantiles=[0.5, 0.2, 0.8])
+    runs = [(v, check, run) for v in VARIANTS] + [(v, check_slab, run_slab) for v in SLAB_VARIANTS]
+    for v, chk, go in runs:
+        ok = chk(v, w, n, top[: n_rows] if chk is check else top, bmx)
+        t = tt.do_bench_cudagraph(lambda v=v, go=go: go(v, w, n, top[: n_rows] if go is run else top, bmx),
+                                  rep=100, quantiles=[0.5, 0.2, 0.8])
         rate = gb / t[0] * 1e3
         out.append({"variant": v[0], "median_us": round(t[0] * 1e3, 2), "p20_us": round(t[1] * 1e3, 2),
                     "p80_us": round(t[2] * 1e3, 2), "w_read_GBps": round(rate), "exact": ok, **info})

@@ -12,7 +12,7 @@ export MEMLOC_COMMIT="${MEMLOC_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null 
 build=$!
 # benchmarks first, the tests last with what is left of a 10-minute call (SKIP_TESTS=1: none)
 OUT="$OUT" timeout 200 python benchmarks/bench_mask_stream.py > "$OUT/mask_stream.log" 2>&1
-OUT="$OUT" timeout 60 python benchmarks/bench_stream_probe.py >> "$OUT/mask_stream.log" 2>&1
+OUT="$OUT" timeout 120 python benchmarks/bench_stream_probe.py >> "$OUT/mask_stream.log" 2>&1
 timeout 60 python benchmarks/bench_prune_tiles.py > "$OUT/prune_tiles.log" 2>&1
 wait "$build"
 OUT="$OUT" timeout 120 python benchmarks/bench_gpu_ops.py > "$OUT/bench_gpu_ops.log" 2>&1
