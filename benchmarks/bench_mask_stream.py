@@ -27,7 +27,7 @@ from _meta import git_commit, gpu_name, write_rows  # noqa: E402
 # Settings measured on 2026-11-29 (BENCHMARKS.md) that lost are left out; add them back to re-check.
 SINGLE = [
     ("tile (first kernel)", "tile", {}),
-    ("blocks w1 nreg128 pipe4 (default)", "stream", {}),
+    ("blocks, tile k + k/8 (default)", "stream", {}),
     ("split: pass 1 in 4-row programs", "stream", {"variant": "split"}),
     ("blocks prefetch 1 by hand", "stream", {"pipe": 0, "prefetch": 1}),
     ("split: pass 1 in 8-row programs", "stream", {"variant": "split", "rows": 8}),
@@ -38,7 +38,7 @@ SINGLE = [
 ]
 BATCHED = [
     ("tile (first kernel)", "tile", {}),
-    ("blocks w1 nreg128 pipe4 (default)", "stream", {}),
+    ("blocks, tile k + k/8 (default)", "stream", {}),
     ("split: pass 1 in 4-row programs", "stream", {"variant": "split"}),
     ("blocks prefetch 1 by hand", "stream", {"pipe": 0, "prefetch": 1}),
     ("split: pass 1 in 8-row programs", "stream", {"variant": "split", "rows": 8}),
@@ -76,11 +76,11 @@ def main() -> int:
             "triton": triton.__version__, "torch": torch.__version__}
     print(f"{info['gpu']}  torch {torch.__version__}  triton {info['triton']}  commit {info['commit']}", flush=True)
     q = [0.5, 0.2, 0.8]
-    counter = mask_stream.slow_path_counter(torch.device("cuda", torch.cuda.current_device()))
+    counters = mask_stream._counters(torch.device("cuda", torch.cuda.current_device()))  # [slow, refined]
     rows = []
 
     def run(case, name, kernel, over, data, lead, graph, per):
-        counter.zero_()
+        counters.zero_()
         with _config.mask_overrides(kernel=kernel), _config.stream_overrides(**over):
             before = set(mask_stream._OCCUPANCY)
             bad = mismatches(mk, *data, subsets=2 if lead else None)
@@ -90,16 +90,17 @@ def main() -> int:
                                    backend="triton")
             fn()
             torch.cuda.synchronize()
-            slow = int(counter.item())
+            slow, refined = (int(x) for x in counters.tolist())
             t = tt.do_bench_cudagraph(fn, rep=100, quantiles=q) if graph else tt.do_bench(fn, warmup=1, rep=300,
                                                                                            quantiles=q)
         t = [x * 1e3 / per for x in t]
         row = {"case": case, "setting": name, "median_us": round(t[0], 2), "p20_us": round(t[1], 2),
                "p80_us": round(t[2], 2), "mismatches": bad, "slow_path_problems": slow,
+               "refined_problems": refined,
                "programs_per_sm": occ[0] if occ else "", **info}
         rows.append(row)
         print(f"  {case:<18} {name:<26} {t[0]:9.1f} us  (p20 {t[1]:.1f}, p80 {t[2]:.1f})  bad {bad}  "
-              f"slow {slow}  programs/SM {row['programs_per_sm']}", flush=True)
+              f"slow {slow}  refined {refined}  programs/SM {row['programs_per_sm']}", flush=True)
 
     single_list = SINGLE[:3] if args.quick else SINGLE
     batched_list = BATCHED[:3] if args.quick else BATCHED
@@ -128,7 +129,7 @@ def main() -> int:
             t = [x * 1e3 / per for x in t]
             rows.append({"case": case, "setting": "cuda backend", "median_us": round(t[0], 2),
                          "p20_us": round(t[1], 2), "p80_us": round(t[2], 2), "mismatches": "",
-                         "slow_path_problems": "", "programs_per_sm": "", **info})
+                         "slow_path_problems": "", "refined_problems": "", "programs_per_sm": "", **info})
             print(f"  {case:<18} {'cuda backend':<26} {t[0]:9.1f} us", flush=True)
     write_rows(rows, "mask_stream.csv")
     return 1 if any(r["mismatches"] for r in rows if r["mismatches"] != "") else 0

@@ -15,7 +15,9 @@ Default, ``_blocks_mask_kernel`` (variant "blocks"), per (row, statistics vector
      >= lo, hence >= k scores >= lo (scores are >= 0, so their int32 bit patterns order like the
      floats);
   3. the blocks whose maximum reaches lo (~k of them) are listed in column order and gathered as a
-     ``[CAPB, 8]`` tile, the scores recomputed with the same operations (bit-identical);
+     ``[CAPB, 8]`` tile (CAPB ~ k + k/8, a power of two), the scores recomputed with the same
+     operations (bit-identical); when more than CAPB blocks reach lo, lo is first raised by a
+     bisection on the block maxima until k to CAPB blocks reach it (``stats[1]`` counts these);
   4. exact selection: the k-th largest block maximum (bisection over the listed blocks), then the
      smallest scores dropped one distinct value at a time while >= k remain; equal scores at the
      k-th place go to the lower column (a cumsum over the tile, which is in column order);
@@ -24,7 +26,7 @@ Default, ``_blocks_mask_kernel`` (variant "blocks"), per (row, statistics vector
 Variant "list" (``_stream_mask_kernel``): pass 2 streams the whole row again and appends every
 score >= lo to a list in column order, then bisects on the list. Slower on the H200 (196 vs 143
 us for SD1.5): Triton lays the masked scatter out one element per lane, so its scan is costly.
-A problem that overflows its list or tile (many equal scores >= the bound, e.g. a zero row) takes
+A problem that overflows its list or tile even so (many equal scores >= the bound, e.g. a zero row) takes
 an exact streaming path in the same program (``_stream_exact``: bisection over the whole row, one
 pass per step), counted in ``stats[0]`` so that benchmarks and tests can see it.
 """
@@ -285,6 +287,45 @@ def _pass1_step(w_row, n_row, bmx, c0, cols, bidx, d_in, gmax, EVEN: tl.constexp
 
 
 @triton.jit
+def _list_blocks(brow, lst, lo, n_blocks, lanes, CAPB: tl.constexpr, CH: tl.constexpr):
+    """Write the indices of the blocks whose maximum (float bits) reaches ``lo`` to ``lst``, in
+    column order, up to CAPB of them; returns how many reach it (may exceed CAPB)."""
+    nh = 0
+    for b0 in range(0, n_blocks, CH):
+        b = b0 + lanes
+        bb = tl.load(brow + b, mask=b < n_blocks, other=-1.0).to(tl.int32, bitcast=True)
+        hit = bb >= lo
+        pos = nh + tl.cumsum(hit.to(tl.int32), axis=0) - 1
+        tl.store(lst + pos, b, mask=hit & (pos < CAPB))
+        nh += tl.sum(hit.to(tl.int32), axis=0)
+    return nh
+
+
+@triton.jit
+def _refine_bound(brow, lo, top, nh, n_blocks, k, lanes, CAPB: tl.constexpr, CH: tl.constexpr):
+    """Given ``nh`` = count(block maxima >= lo) > CAPB (and >= k): bisection on the block maxima's
+    bits for a bound reached by k to CAPB blocks. Returns ``(lo, count)``; the count stays above
+    CAPB when no such bound exists (more than CAPB blocks share the values around the k-th place).
+
+    Invariants: count(>= lo) >= k, so the k-th largest score is still >= lo; count(>= hi) < k.
+    """
+    hi = top + 1
+    while (nh > CAPB) & (hi - lo > 1):
+        mid = lo + (hi - lo) // 2
+        c = 0
+        for b0 in range(0, n_blocks, CH):
+            b = b0 + lanes
+            bb = tl.load(brow + b, mask=b < n_blocks, other=-1.0).to(tl.int32, bitcast=True)
+            c += tl.sum((bb >= mid).to(tl.int32), axis=0)
+        if c >= k:
+            lo = mid
+            nh = c
+        else:
+            hi = mid
+    return lo, nh
+
+
+@triton.jit
 def _blocks_mask_kernel(
     w_ptr, n_ptr, z_ptr, out_ptr, bmx_ptr, lst_ptr, stats_ptr,
     item_layer_ptr, item_row_ptr, item_vec_ptr,
@@ -387,15 +428,16 @@ def _blocks_mask_kernel(
                 # 3. the blocks whose maximum reaches lo, listed in column order. (Triton moves the
                 # scattered store's pointers through shared memory, 24 % of the instructions; one
                 # block per thread or atomic-exchange writes avoid that but measured slower on the H200)
-                nh = 0
-                for b0 in range(0, n_blocks, CH):
-                    b = b0 + lanes
-                    bb = tl.load(brow + b, mask=b < n_blocks, other=-1.0).to(tl.int32, bitcast=True)
-                    hit = bb >= lo
-                    pos = nh + tl.cumsum(hit.to(tl.int32), axis=0) - 1
-                    tl.store(lst + pos, b, mask=hit & (pos < CAPB))
-                    nh += tl.sum(hit.to(tl.int32), axis=0)
+                nh = _list_blocks(brow, lst, lo, n_blocks, lanes, CAPB, CH)
                 tl.debug_barrier()  # the list is written by all threads before anyone reads it
+                if nh > CAPB:
+                    # more blocks reach lo than the tile holds (a loose bound; rare): raise lo on the
+                    # block maxima until the hit list fits, then list again
+                    lo, nh = _refine_bound(brow, lo, top, nh, n_blocks, k, lanes, CAPB, CH)
+                    if nh <= CAPB:
+                        tl.atomic_add(stats_ptr + 1, 1)
+                        nh = _list_blocks(brow, lst, lo, n_blocks, lanes, CAPB, CH)
+                        tl.debug_barrier()
                 if STAGES < 3:  # timing aid: pass 1, the bound and the hit list only
                     tl.store(lst + tl.arange(0, 1), tl.zeros([1], tl.int32) + nh)
                 else:
@@ -499,7 +541,10 @@ def stream_config(d_ins: Sequence[int], ks: Sequence[int], n_vec: int, n_rows: i
     variant = str(forced.get("variant", "blocks"))
     # >= k strided groups per row keep the bound valid (k <= 128 here: stream_eligible)
     chunk = int(forced.get("chunk", max(_config.pow2_ceil(k_max), 256 if min(d_ins) >= 256 else 128)))
-    cap = int(forced.get("cap", max(32, _config.pow2_ceil(2 * k_max + 8))))
+    # tile rows (blocks) / list slots: k plus a margin; a problem with more candidate blocks raises
+    # its bound to fit (blocks variants), the list variant's overflow takes the slow path
+    margin = k_max // 8 + 4 if variant != "list" else k_max + 8
+    cap = int(forced.get("cap", max(32, _config.pow2_ceil(k_max + margin))))
     rows = 1 if variant != "list" else int(forced.get("rows", 1))
     vectors = 1 if variant != "list" else int(forced.get("vectors", 1))
     num_warps = int(forced.get("num_warps", 1))
@@ -555,15 +600,18 @@ def launch_stream(weights, roots: torch.Tensor, n_starts: Sequence[int], z_start
 
     ``n_starts[i]`` / ``z_starts[i]``: element offsets in ``roots`` of layer i's ``[S * T, d_in]``
     norms and null norms; ``outs[i]``: ``[S, d_out, ceil(d_in / 32)]`` int32, OR-ed in place.
-    ``stats`` (int32 ``[1]``) counts the problems that took the slow exact path (default: the
-    device's :func:`slow_path_counter`).
+    ``stats`` (int32 ``[2]``) counts the problems that took the slow exact path (``stats[0]``) and
+    those whose bound was raised to fit the tile (``stats[1]``, blocks variants); default: the
+    device's counters (:func:`slow_path_counter`, :func:`refined_counter`).
     """
     device = weights[0].device
     heights = [w.shape[0] for w in weights]
     d_ins = [w.shape[1] for w in weights]
     cfg = stream_config(d_ins, ks, n_vec, sum(heights), device)
     if stats is None:
-        stats = slow_path_counter(device)
+        stats = _counters(device)
+    if stats.numel() < 2 or stats.dtype != torch.int32:
+        raise ValueError(f"stats must be int32 with 2 elements, got {stats.dtype} with {stats.numel()}")
     if cfg.variant == "split":
         from . import mask_split  # imported here: it imports this module
 
@@ -610,13 +658,24 @@ _OCCUPANCY: dict[tuple, int] = {}
 _COUNTERS: dict[str, torch.Tensor] = {}
 
 
-def slow_path_counter(device: torch.device) -> torch.Tensor:
-    """int32 ``[1]`` on ``device``: how many (row, vector) problems took the slow exact path so far
-    (all launches that were not given their own ``stats``; benchmarks read and reset it)."""
+def _counters(device: torch.device) -> torch.Tensor:
+    """int32 ``[2]`` on ``device``: [slow exact path, bound raised to fit the tile] problem counts."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # "cuda" and "cuda:0" share one counter
     key = str(device)
     if key not in _COUNTERS:
-        _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+        _COUNTERS[key] = torch.zeros(2, dtype=torch.int32, device=device)
     return _COUNTERS[key]
+
+
+def slow_path_counter(device: torch.device) -> torch.Tensor:
+    """int32 ``[1]`` on ``device`` (a view): how many (row, vector) problems took the slow exact path
+    so far (all launches that were not given their own ``stats``; benchmarks read and reset it)."""
+    return _counters(device)[:1]
+
+
+def refined_counter(device: torch.device) -> torch.Tensor:
+    """int32 ``[1]`` on ``device`` (a view): how many problems of the blocks kernels had more
+    candidate blocks than the tile holds and were decided after raising the bound instead."""
+    return _counters(device)[1:]
