@@ -105,12 +105,13 @@ BLOCK_VARIANTS = [v for v in VARIANTS if v != "list"]
 
 @pytest.mark.parametrize("variant", BLOCK_VARIANTS)
 def test_loose_bound_is_raised_to_fit_the_tile(variant):
-    """With no bound steps, far more than 32 blocks reach the bound; raising it on the block maxima
+    """``refine``: with no bound steps, far more than 32 blocks reach the bound; raising it on the block maxima
     decides every problem in the tile: exact, no slow path, and the refinement counted."""
     counters = mask_stream._counters(DEVICE)
     counters.zero_()
     w = (torch.randn(5, 1280) * 0.02).half()
-    assert_masks([w], [lognormal(2, 1280)], [lognormal(1280)], 0.02, variant=variant, cap=32, bound_steps=0)
+    assert_masks([w], [lognormal(2, 1280)], [lognormal(1280)], 0.02, variant=variant, cap=32, bound_steps=0,
+                 refine=1)
     assert int(mask_stream.refined_counter(DEVICE).item()) > 0, "the bound was never raised"
     assert slow_count() == 0
 
@@ -122,7 +123,7 @@ def test_bound_that_cannot_fit_takes_the_slow_path(variant):
     counters.zero_()
     w = torch.full((3, 640), 0.01)
     w[:, : 40 * 8 : 8] = 1.0  # 40 equal winners, one per block; k = 25 of them in column order
-    assert_masks([w.half()], [torch.ones(2, 640)], [torch.zeros(640)], 0.04, variant=variant, cap=32)
+    assert_masks([w.half()], [torch.ones(2, 640)], [torch.zeros(640)], 0.04, variant=variant, cap=32, refine=1)
     assert slow_count() > 0 and int(mask_stream.refined_counter(DEVICE).item()) == 0
 
 
@@ -181,13 +182,14 @@ def test_or_into_existing_words():
     assert torch.equal(mk.unpack_mask(out).cpu(), start | ref.memorized_mask(w, s, n, 0.05))
 
 
-def test_config_keeps_k_strided_groups_and_a_margin_over_k():
+def test_config_keeps_k_strided_groups_and_room_for_2k():
     cfg = mask_stream.stream_config([5120], [51], 1, 1280, DEVICE)
-    assert cfg.chunk >= 51 and cfg.cap >= 51 + 51 // 8
+    assert cfg.chunk >= 51 and cfg.cap >= 2 * 51 and not cfg.refine
     wide_k = mask_stream.stream_config([400], [120], 1, 8, DEVICE)
-    assert wide_k.chunk >= 120 and wide_k.cap >= 120 + 120 // 8
-    with _config.stream_overrides(variant="list"):  # no refinement there: room for 2k
-        assert mask_stream.stream_config([5120], [51], 1, 1280, DEVICE).cap >= 2 * 51
+    assert wide_k.chunk >= 120 and wide_k.cap >= 240
+    with _config.stream_overrides(refine=1):  # a tile of k plus a margin; overflows raise the bound
+        refined = mask_stream.stream_config([5120], [51], 1, 1280, DEVICE)
+        assert 51 + 51 // 8 <= refined.cap < 2 * 51 and refined.refine
     assert not mask_stream.stream_eligible([129]) and mask_stream.stream_eligible([128])
 
 

@@ -145,8 +145,8 @@ def _select(cfg, heights, d_ins, n_vec, n_t, w_base, roots, o_base, bmx, pre, st
     compiled = _blocks_mask_kernel[(nprog,)](
         w_base, roots, roots, o_base, bmx, lst, stats, lay, row, vec, *layer_tabs, n_items, n_vec, n_t, cfg.span, 0,
         CH=cfg.chunk, CAPB=cfg.cap, BOUND_STEPS=cfg.bound_steps, EVEN=even, ALIGNED=aligned,
-        TWO_LEVEL=True, PREFETCH=0, STAGES=3, PIPE=0, FROM_PASS1=True, pre_ptr=pre, lay_b_ptr=lay_b,
-        lay_r_ptr=lay_r, num_warps=1, **regs_cap)
+        TWO_LEVEL=True, PREFETCH=0, STAGES=3, PIPE=0, FROM_PASS1=True, REFINE=bool(cfg.refine), pre_ptr=pre,
+        lay_b_ptr=lay_b, lay_r_ptr=lay_r, num_warps=1, **regs_cap)
     regs = getattr(compiled, "n_regs", 0)
     if device.type == "cuda" and regs and key not in _OCCUPANCY and "progs_per_sm" not in forced:
         _OCCUPANCY[key] = max(1, min(65536 // (regs * 32), 32))  # one-warp programs the registers allow

@@ -15,9 +15,10 @@ Default, ``_blocks_mask_kernel`` (variant "blocks"), per (row, statistics vector
      >= lo, hence >= k scores >= lo (scores are >= 0, so their int32 bit patterns order like the
      floats);
   3. the blocks whose maximum reaches lo (~k of them) are listed in column order and gathered as a
-     ``[CAPB, 8]`` tile (CAPB ~ k + k/8, a power of two), the scores recomputed with the same
-     operations (bit-identical); when more than CAPB blocks reach lo, lo is first raised by a
-     bisection on the block maxima until k to CAPB blocks reach it (``stats[1]`` counts these);
+     ``[CAPB, 8]`` tile (CAPB >= 2k + 8, a power of two), the scores recomputed with the same
+     operations (bit-identical). Option ``refine`` (off: measured slower, BENCHMARKS.md): a tile of
+     ~k + k/8 blocks, and a problem with more candidate blocks first raises lo by a bisection on the
+     block maxima until k to CAPB blocks reach it (``stats[1]`` counts these);
   4. exact selection: the k-th largest block maximum (bisection over the listed blocks), then the
      smallest scores dropped one distinct value at a time while >= k remain; equal scores at the
      k-th place go to the lower column (a cumsum over the tile, which is in column order);
@@ -334,6 +335,7 @@ def _blocks_mask_kernel(
     CH: tl.constexpr, CAPB: tl.constexpr, BOUND_STEPS: tl.constexpr, EVEN: tl.constexpr, ALIGNED: tl.constexpr,
     TWO_LEVEL: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
     PIPE: tl.constexpr, FROM_PASS1: tl.constexpr = False, pre_ptr=None, lay_b_ptr=None, lay_r_ptr=None,
+    REFINE: tl.constexpr = False,
 ):
     """One (row, vector) at a time; pass 2 reads back only the 8-column blocks that can hold a winner.
 
@@ -430,14 +432,15 @@ def _blocks_mask_kernel(
                 # block per thread or atomic-exchange writes avoid that but measured slower on the H200)
                 nh = _list_blocks(brow, lst, lo, n_blocks, lanes, CAPB, CH)
                 tl.debug_barrier()  # the list is written by all threads before anyone reads it
-                if nh > CAPB:
-                    # more blocks reach lo than the tile holds (a loose bound; rare): raise lo on the
-                    # block maxima until the hit list fits, then list again
-                    lo, nh = _refine_bound(brow, lo, top, nh, n_blocks, k, lanes, CAPB, CH)
-                    if nh <= CAPB:
-                        tl.atomic_add(stats_ptr + 1, 1)
-                        nh = _list_blocks(brow, lst, lo, n_blocks, lanes, CAPB, CH)
-                        tl.debug_barrier()
+                if REFINE:
+                    if nh > CAPB:
+                        # more blocks reach lo than the tile holds (a loose bound): raise lo on the
+                        # block maxima until the hit list fits, then list again
+                        lo, nh = _refine_bound(brow, lo, top, nh, n_blocks, k, lanes, CAPB, CH)
+                        if nh <= CAPB:
+                            tl.atomic_add(stats_ptr + 1, 1)
+                            nh = _list_blocks(brow, lst, lo, n_blocks, lanes, CAPB, CH)
+                            tl.debug_barrier()
                 if STAGES < 3:  # timing aid: pass 1, the bound and the hit list only
                     tl.store(lst + tl.arange(0, 1), tl.zeros([1], tl.int32) + nh)
                 else:
@@ -515,7 +518,10 @@ class StreamConfig:
     ``prefetch`` chunks (0, 1 or 2) before the current chunk's arithmetic; ``stages`` (blocks
     variants; a timing aid, wrong masks below 3): 1 runs pass 1 only, 2 also the bound and the hit
     list, 3 everything; ``pipe`` > 1 (with ``prefetch`` 0): pass 1 through Triton's software
-    pipeliner with that many stages (asynchronous copies to shared memory) instead."""
+    pipeliner with that many stages (asynchronous copies to shared memory) instead; ``refine``
+    (blocks variants): a tile of k + k/8 + 4 blocks, and problems with more candidate blocks raise
+    their bound on the block maxima to fit instead of taking the slow path (measured slower on the
+    H100, BENCHMARKS.md, so off)."""
 
     variant: str
     rows: int
@@ -530,6 +536,7 @@ class StreamConfig:
     prefetch: int = 0
     stages: int = 3
     pipe: int = 0
+    refine: int = 0
 
 
 def stream_config(d_ins: Sequence[int], ks: Sequence[int], n_vec: int, n_rows: int,
@@ -541,9 +548,10 @@ def stream_config(d_ins: Sequence[int], ks: Sequence[int], n_vec: int, n_rows: i
     variant = str(forced.get("variant", "blocks"))
     # >= k strided groups per row keep the bound valid (k <= 128 here: stream_eligible)
     chunk = int(forced.get("chunk", max(_config.pow2_ceil(k_max), 256 if min(d_ins) >= 256 else 128)))
-    # tile rows (blocks) / list slots: k plus a margin; a problem with more candidate blocks raises
-    # its bound to fit (blocks variants), the list variant's overflow takes the slow path
-    margin = k_max // 8 + 4 if variant != "list" else k_max + 8
+    # tile rows (blocks) / list slots: 2k + 8, so that overflows (slow path) are rare; with `refine`
+    # (blocks variants) k + k/8 + 4, and a problem with more candidate blocks raises its bound to fit
+    refine = int(forced.get("refine", 0)) if variant != "list" else 0
+    margin = k_max // 8 + 4 if refine else k_max + 8
     cap = int(forced.get("cap", max(32, _config.pow2_ceil(k_max + margin))))
     rows = 1 if variant != "list" else int(forced.get("rows", 1))
     vectors = 1 if variant != "list" else int(forced.get("vectors", 1))
@@ -564,7 +572,7 @@ def stream_config(d_ins: Sequence[int], ks: Sequence[int], n_vec: int, n_rows: i
     pipe = int(forced.get("pipe", 4))
     prefetch = int(forced.get("prefetch", 0 if pipe > 1 else 1))
     return StreamConfig(variant, rows, vectors, chunk, cap, int(forced.get("bound_steps", 10)), num_warps, span,
-                        progs_per_sm, maxnreg, prefetch, int(forced.get("stages", 3)), pipe)
+                        progs_per_sm, maxnreg, prefetch, int(forced.get("stages", 3)), pipe, refine)
 
 
 def stream_eligible(ks: Sequence[int]) -> bool:
@@ -638,7 +646,7 @@ def launch_stream(weights, roots: torch.Tensor, n_starts: Sequence[int], z_start
             w_base, roots, roots, o_base, bmx, lst, stats, *tables, n_items, n_vec, n_t, cfg.span, bmx_stride,
             CH=cfg.chunk, CAPB=cfg.cap, BOUND_STEPS=cfg.bound_steps, EVEN=even, ALIGNED=aligned,
             TWO_LEVEL=cfg.variant == "blocks", PREFETCH=cfg.prefetch, STAGES=cfg.stages, PIPE=cfg.pipe,
-            num_warps=cfg.num_warps,
+            REFINE=bool(cfg.refine), num_warps=cfg.num_warps,
             **regs_cap,
         )
     else:
