@@ -196,3 +196,12 @@ def test_config_keeps_k_strided_groups_and_room_for_2k():
 def test_overrides_reject_unknown_fields():
     with pytest.raises(ValueError, match="unknown StreamConfig"), _config.stream_overrides(colour=1):
         pass
+
+
+def test_launch_rejects_a_one_slot_stats_tensor():
+    """The blocks kernels write two counters; a caller's one-element ``stats`` is refused, not overrun."""
+    w = torch.randn(2, 64).half().to(DEVICE)
+    roots = torch.ones(128, device=DEVICE)
+    outs = [torch.zeros(1, 2, 2, dtype=torch.int32, device=DEVICE)]
+    with pytest.raises(ValueError, match="stats must be int32 with 2 elements"):
+        mask_stream.launch_stream([w], roots, [0], [64], [1], outs, 1, 1, stats=torch.zeros(1, dtype=torch.int32))
