@@ -205,3 +205,16 @@ def test_launch_rejects_a_one_slot_stats_tensor():
     outs = [torch.zeros(1, 2, 2, dtype=torch.int32, device=DEVICE)]
     with pytest.raises(ValueError, match="stats must be int32 with 2 elements"):
         mask_stream.launch_stream([w], roots, [0], [64], [1], outs, 1, 1, stats=torch.zeros(1, dtype=torch.int32))
+
+
+def test_stream_probe_layouts_compute_what_they_time():
+    """benchmarks/bench_stream_probe.py's kernels (rows and column-slab layouts) match torch under the
+    interpreter, so the rates it reports on a GPU are for correct work."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_stream_probe.py"
+    run = subprocess.run([sys.executable, str(script), "--interpret-check"], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0 and "all variants match torch" in run.stdout, run.stdout + run.stderr
