@@ -25,7 +25,10 @@ pytestmark = [
 # memorized_mask holds up to 32 |W| values per lane under a 128-register cap; ptxas (nvcc 13.0)
 # spills a dozen per-row constants there (at most 112 bytes stored, reloaded from L1, mostly in
 # the exact-fallback path). Allow that much, not a habit: (spill store bytes, spill load bytes).
-SPILL_ALLOWANCE = {"memorized_mask_kernel": (128, 384)}
+# The warp kernel (mask_warp.cu) keeps each row's block maxima and gathered scores under a
+# 128-register cap (two 256-thread blocks per SM); ptxas spills a few per-row constants and
+# pointers (at most 80 bytes stored, 152 loaded, for f32 weights with 32 chunks).
+SPILL_ALLOWANCE = {"memorized_mask_kernel": (128, 384), "mask_warp_kernel": (96, 160)}
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)'")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")

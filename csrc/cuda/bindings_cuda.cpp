@@ -52,7 +52,8 @@ void register_cuda_ops(py::module_& m) {
       [](const std::vector<uintptr_t>& weights, const std::vector<int>& dtypes, const std::vector<int64_t>& d_outs,
          const std::vector<int64_t>& d_ins, const std::vector<uintptr_t>& norms,
          const std::vector<uintptr_t>& null_norms, const std::vector<int64_t>& Ss, const std::vector<int64_t>& Ts,
-         const std::vector<int64_t>& ks, const std::vector<uintptr_t>& outs, uintptr_t stream, int device) {
+         const std::vector<int64_t>& ks, const std::vector<uintptr_t>& outs, uintptr_t stream, int device,
+         uintptr_t stats) {
         const std::size_t n = weights.size();
         require_len(dtypes, n, "dtypes");
         require_len(d_outs, n, "d_outs");
@@ -69,12 +70,13 @@ void register_cuda_ops(py::module_& m) {
           a.weight = weights[i], a.norms = norms[i], a.null_norms = null_norms[i], a.out = outs[i];
           a.dtype = dtypes[i], a.d_out = d_outs[i], a.d_in = d_ins[i], a.k = ks[i], a.S = Ss[i], a.T = Ts[i];
         }
-        memloc::cuda::memorized_mask(layers, stream, device);
+        memloc::cuda::memorized_mask(layers, stream, device, stats);
       },
       py::arg("weights"), py::arg("dtypes"), py::arg("d_outs"), py::arg("d_ins"), py::arg("norms"),
       py::arg("null_norms"), py::arg("Ss"), py::arg("Ts"), py::arg("ks"), py::arg("outs"), py::arg("stream"),
-      py::arg("device"), py::call_guard<py::gil_scoped_release>(),
-      "cuda_memorized_mask for several layers; layers of one shape class share a launch.");
+      py::arg("device"), py::arg("stats") = 0, py::call_guard<py::gil_scoped_release>(),
+      "cuda_memorized_mask for several layers; layers of one shape class share a launch. stats: 0 or the "
+      "address of a device int32 counting the problems the warp kernel decided by its exact path.");
 
   m.def("cuda_wanda_scores", &memloc::cuda::wanda_scores, py::arg("weight"), py::arg("dtype"), py::arg("d_out"),
         py::arg("d_in"), py::arg("norms"), py::arg("S"), py::arg("out"), py::arg("stream"), py::arg("device"),

@@ -35,8 +35,11 @@ std::int64_t memorized_mask_max_d_in();
 
 // Eq. 5-7 for every layer: OR into out[s] the union over t of (row top-k of |W| * norms[s, t],
 // ties to the lower column) AND (score > |W| * null_norms[s, t]). Layers of one shape class share
-// a launch (a pointer table passed as a kernel parameter).
-void memorized_mask(const std::vector<MaskLayerArgs>& layers, std::uintptr_t stream, int device);
+// a launch (a pointer table passed as a kernel parameter). Layers that suit it run the warp kernel
+// (mask_warp.cu), the others the block kernel (memorized_mask.cu). `stats`: 0, or the address of
+// a device int32 that counts the (row, vector) problems the warp kernel decided by its exact path.
+void memorized_mask(const std::vector<MaskLayerArgs>& layers, std::uintptr_t stream, int device,
+                    std::uintptr_t stats = 0);
 
 // Per-row popcounts of words [rows, n_words] into out int64 [rows]. With d_in >= 0 the bits of the
 // last word past d_in are ignored (a row of a [rows, d_in] mask); with d_in < 0 every bit counts.

@@ -44,6 +44,22 @@ def _norms(sumsqs: list[torch.Tensor]) -> list[torch.Tensor]:
     return list(torch._foreach_sqrt(sumsqs))
 
 
+_COUNTERS: dict[str, torch.Tensor] = {}
+
+
+def exact_path_counter(device: torch.device) -> torch.Tensor:
+    """int32 ``[1]`` on ``device``: how many (row, vector) problems the warp kernel of
+    ``memorized_mask`` decided by its exact path (ties at the k-th place, or a bound it could not
+    tighten); every call adds to it, benchmarks and tests read and reset it."""
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = str(device)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
+
+
 class CudaBackend:
     name = "cuda"
     device_note = "runs CUDA tensors only, with memloc_kernels._C built with MEMLOC_CUDA=1"
@@ -141,6 +157,7 @@ class CudaBackend:
             [_ptr("out", out, torch.int32) for *_, out in layers],
             stream,
             device,
+            exact_path_counter(weights[0].device).data_ptr(),
         )
 
     def pack_mask(self, mask):

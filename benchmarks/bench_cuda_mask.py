@@ -1,0 +1,101 @@
+"""memorized_mask on the GPU: the CUDA warp kernel vs the CUDA block kernel vs Triton, same run.
+
+Run from the repository root on a CUDA machine with the extension built with MEMLOC_CUDA=1:
+    python benchmarks/bench_cuda_mask.py [--quick]
+Every configuration is checked against the reference first (single vectors: all layers; batched:
+the first 2 subsets). Rows go to $OUT/cuda_mask.csv with GPU, date and commit; the table prints
+last. The warp kernel's exact-path count (problems it could not decide on its fast path) is
+printed per configuration. ``--quick``: SD1.5 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "python"), str(ROOT / "benchmarks")]
+
+import torch  # noqa: E402
+from _masks import SD15, SDXL, empty_outs, layer_stats, mismatches  # noqa: E402
+from _meta import git_commit, gpu_name, write_rows  # noqa: E402
+from bench_gpu_ops import bench  # noqa: E402
+
+ROWS: list[dict] = []
+PROVIDERS = [("triton", "triton", None), ("cuda-warp", "cuda", None), ("cuda-block", "cuda", "block")]
+
+
+def run(label, shapes, lead, heavy=False, rep=100):
+    import memloc_kernels as mk
+    from memloc_kernels.backends.cuda import exact_path_counter
+
+    weights, sumsqs, nulls = layer_stats(shapes, lead, heavy=heavy)
+    per = 1
+    for n in lead:
+        per *= n
+    wbytes = sum(w.numel() * w.element_size() for w in weights)
+    counter = exact_path_counter(weights[0].device)
+    for name, backend, env in PROVIDERS:
+        if env:
+            os.environ["MEMLOC_CUDA_MASK"] = env
+        else:
+            os.environ.pop("MEMLOC_CUDA_MASK", None)
+        try:
+            counter.zero_()
+            bad = mismatches(mk, weights, sumsqs, nulls, subsets=2 if lead else None, backend=backend)
+            exact = int(counter.item())
+            if bad:
+                print(f"  MISMATCH {label} [{name}]: {bad} entries differ", flush=True)
+                continue
+            outs = empty_outs(mk, weights, lead)
+            fn = functools.partial(mk.memorized_masks, weights, sumsqs, nulls, 0.01, outs=outs, check_finite=False,
+                                   backend=backend)
+            ms, timing = bench(fn, graph=not lead, rep=rep)
+            med, p20, p80 = (x * 1e3 / per for x in ms)
+            gbps = wbytes / per / (med * 1e-6) / 1e9
+            note = f"exact-path problems {exact}" if name == "cuda-warp" else ""
+            ROWS.append({"op": "memorized_mask", "shape": label, "dtype": "float16", "backend": name,
+                         "median_us": f"{med:.2f}", "p20_us": f"{p20:.2f}", "p80_us": f"{p80:.2f}",
+                         "gbps": f"{gbps:.0f}", "gpu": gpu_name(), "date": _date(), "commit": git_commit(),
+                         "timing": timing + (", per vector" if lead else ""), "note": note})
+            print(f"  {label:<28} {name:<11} {med:9.2f} us  (p20 {p20:.2f}, p80 {p80:.2f})  {note}", flush=True)
+        except Exception as exc:  # one provider failing must not stop the others
+            print(f"  ERROR {label} [{name}]: {type(exc).__name__}: {exc}", flush=True)
+        finally:
+            os.environ.pop("MEMLOC_CUDA_MASK", None)
+
+
+def _date() -> str:
+    import datetime
+
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="SD1.5 only")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to benchmark")
+        return 1
+    print(f"{gpu_name()}  torch {torch.__version__}  commit {git_commit()}", flush=True)
+    run("sd15 x1", SD15, ())
+    run("sd15 x1 heavy", SD15, (), heavy=True)
+    run("sd15 100x10", SD15, (100, 10), rep=200)
+    if not args.quick:
+        run("sd15 100x10 heavy", SD15, (100, 10), heavy=True, rep=200)
+        run("sdxl x1", SDXL, ())
+        run("sdxl 10x10", SDXL, (10, 10), rep=200)
+    write_rows(ROWS, "cuda_mask.csv")
+    print(f"\n{'shape':<28} {'backend':<11} {'median_us':>10} {'p20':>9} {'p80':>9} {'GB/s':>6}  note")
+    for r in ROWS:
+        print(f"{r['shape']:<28} {r['backend']:<11} {r['median_us']:>10} {r['p20_us']:>9} {r['p80_us']:>9} "
+              f"{r['gbps']:>6}  {r['note']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
