@@ -12,7 +12,7 @@ OUT="$OUT" timeout "${BENCH_S:-240}" python benchmarks/bench_cuda_mask.py ${BENC
 echo "bench rc $? after ${SECONDS} s" >> "$OUT/cuda_mask.log"
 left=$((570 - SECONDS))
 if [ "${SKIP_TESTS:-0}" != 1 ] && [ "$left" -gt 30 ]; then
-    MEMLOC_REQUIRE_CUDA_BACKEND=1 timeout "$left" python -m pytest -q -x -k "${TEST_K:-memorized}" \
+    MEMLOC_REQUIRE_CUDA_BACKEND=1 timeout "$left" python -m pytest -q -k "${TEST_K:-memorized}" \
         tests/test_cuda_backend.py > "$OUT/tests.log" 2>&1
     echo "tests rc $? (given ${left} s; 124 = cut off)" >> "$OUT/tests.log"
 fi

@@ -299,6 +299,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_
         list[pos++] = i * 32 + lane;
       }
       __syncwarp();
+      const int n_listed = c_lo;
       int blk[kSlots];
       int sc[kSlots][8];
       int bmx[kSlots];
@@ -309,8 +310,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_
         bmx[q] = -1;
 #pragma unroll
         for (int j = 0; j < 8; ++j) sc[q][j] = -1;
-        if (q * 32 < c_lo) {  // warp-uniform: skip slot groups nobody holds
-          blk[q] = slot < c_lo ? list[slot] : -1;
+        if (q * 32 < n_listed) {  // warp-uniform: skip slot groups nobody holds
+          blk[q] = slot < n_listed ? list[slot] : -1;
           const int bc = max(blk[q], 0);
           int s[8];
           block_scores<T>(src.load(bc), load_norm8(nrow, bc), s);
@@ -384,7 +385,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_
         // 5. the k scores >= lo: null comparison, then one OR per block
 #pragma unroll
         for (int q = 0; q < kSlots; ++q) {
-          if (q * 32 < c_lo && blk[q] >= 0) {
+          if (q * 32 < n_listed && blk[q] >= 0) {
             const int b = blk[q];
             std::uint32_t bits = 0u;
 #pragma unroll
