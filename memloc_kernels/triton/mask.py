@@ -503,7 +503,9 @@ def _launch(layers: list[_Layer], roots: torch.Tensor, n_starts: list[int], z_st
               tab(z_starts, torch.int64), tab(o_offs, torch.int64), tab(heights, torch.int32))
     row_tile = dict(PA=cfg.pa, PB=cfg.pb, PBW=cfg.pb or 32 * cfg.num_warps * cfg.vec, NT=32 * cfg.num_warps,
                     VEC=cfg.vec, EVEN=cfg.pa + cfg.pb == d_in)
-    regs_cap = {"maxnreg": cfg.maxnreg} if cfg.maxnreg and not _config.interpreting() else {}
+    # a cap above 65536 / threads would make the launch fail (16 warps, d_in 16384: at most 128)
+    maxnreg = min(cfg.maxnreg, 65536 // (32 * cfg.num_warps) // 8 * 8)
+    regs_cap = {"maxnreg": maxnreg} if cfg.maxnreg and not _config.interpreting() else {}
     compiled = _memorized_mask_kernel[(nprog,)](
         w_base, roots, roots, o_base, scratch, flags, *tables,
         d_in, (d_in + 31) // 32, k, n_vec, t, n_rows, n_vw,
