@@ -25,7 +25,11 @@ from _meta import git_commit, gpu_name, write_rows  # noqa: E402
 from bench_gpu_ops import bench  # noqa: E402
 
 ROWS: list[dict] = []
-PROVIDERS = [("triton", "triton", None), ("cuda-warp", "cuda", None), ("cuda-block", "cuda", "block")]
+# (label, backend, environment): MEMLOC_CUDA_MASK=block keeps the CUDA block kernel;
+# MEMLOC_CUDA_MASK_WARPS sets the warp kernel's rows per block (default 8)
+PROVIDERS = [("triton", "triton", {}), ("cuda-warp", "cuda", {}), ("cuda-warp4", "cuda", {"MEMLOC_CUDA_MASK_WARPS": "4"}),
+             ("cuda-block", "cuda", {"MEMLOC_CUDA_MASK": "block"})]
+KNOBS = ("MEMLOC_CUDA_MASK", "MEMLOC_CUDA_MASK_WARPS")
 
 
 def run(label, shapes, lead, heavy=False, rep=100):
@@ -39,10 +43,9 @@ def run(label, shapes, lead, heavy=False, rep=100):
     wbytes = sum(w.numel() * w.element_size() for w in weights)
     counter = exact_path_counter(weights[0].device)
     for name, backend, env in PROVIDERS:
-        if env:
-            os.environ["MEMLOC_CUDA_MASK"] = env
-        else:
-            os.environ.pop("MEMLOC_CUDA_MASK", None)
+        for knob in KNOBS:
+            os.environ.pop(knob, None)
+        os.environ.update(env)
         try:
             counter.zero_()
             bad = mismatches(mk, weights, sumsqs, nulls, subsets=2 if lead else None, backend=backend)
@@ -56,7 +59,7 @@ def run(label, shapes, lead, heavy=False, rep=100):
             ms, timing = bench(fn, graph=not lead, rep=rep)
             med, p20, p80 = (x * 1e3 / per for x in ms)
             gbps = wbytes / per / (med * 1e-6) / 1e9
-            note = f"exact-path problems {exact}" if name == "cuda-warp" else ""
+            note = f"exact-path problems {exact}" if name.startswith("cuda-warp") else ""
             ROWS.append({"op": "memorized_mask", "shape": label, "dtype": "float16", "backend": name,
                          "median_us": f"{med:.2f}", "p20_us": f"{p20:.2f}", "p80_us": f"{p80:.2f}",
                          "gbps": f"{gbps:.0f}", "gpu": gpu_name(), "date": _date(), "commit": git_commit(),
@@ -65,7 +68,8 @@ def run(label, shapes, lead, heavy=False, rep=100):
         except Exception as exc:  # one provider failing must not stop the others
             print(f"  ERROR {label} [{name}]: {type(exc).__name__}: {exc}", flush=True)
         finally:
-            os.environ.pop("MEMLOC_CUDA_MASK", None)
+            for knob in KNOBS:
+                os.environ.pop(knob, None)
 
 
 def _date() -> str:

@@ -36,7 +36,7 @@
 namespace memloc::cuda {
 namespace {
 
-constexpr int kWarps = 8;            // warps (rows) per block: they share each norm row in L1
+constexpr int kWarps = 8;            // warps (rows) per block at most: they share each norm row in L1
 constexpr int kCap = 128;            // listed blocks at most (kSlots per lane)
 constexpr int kSlots = kCap / 32;
 constexpr int kMaxLayers = 48;
@@ -58,6 +58,7 @@ struct WLayer {
 struct WLaunch {
   WLayer layers[kMaxLayers];
   int n_layers;
+  int warps;  // rows per block (blockDim.x / 32), at most kWarps
   int* stats;  // problems that took the exact path (may be null)
 };
 static_assert(sizeof(WLaunch) <= 4000, "the layer table must fit the kernel parameter space");
@@ -210,7 +211,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_
   while (li + 1 < launch.n_layers && item_id >= launch.layers[li + 1].item_begin) ++li;
   const WLayer& ly = launch.layers[li];
   const int item = item_id - ly.item_begin;
-  const int row = (item / ly.n_spans) * kWarps + warp;
+  const int row = (item / ly.n_spans) * launch.warps + warp;
   if (row >= ly.d_out) return;  // no block-wide barrier below: each warp works alone
   const int d_in = ly.d_in;
   const int k = ly.k;
@@ -446,20 +447,27 @@ int chunks_for(std::int64_t d_in) {
   return 0;
 }
 
-int stage_bytes(DType dtype, int nc) { return kWarps * nc * 256 * element_size(dtype); }
+int stage_bytes(DType dtype, int nc, int warps) { return warps * nc * 256 * element_size(dtype); }
+
+// Rows per block: 8, or MEMLOC_CUDA_MASK_WARPS (1..8, a tuning knob read per call).
+int block_warps() {
+  const char* env = std::getenv("MEMLOC_CUDA_MASK_WARPS");
+  const int w = env != nullptr ? std::atoi(env) : kWarps;
+  return std::clamp(w, 1, kWarps);
+}
 
 // Resident blocks per SM (cached); raises the dynamic shared memory limit once per kernel.
-int blocks_per_sm(KernelFn kernel, int smem, int device) {
+int blocks_per_sm(KernelFn kernel, int warps, int smem, int device) {
   static std::mutex mutex;
-  static std::map<std::tuple<KernelFn, int, int>, int> cache;
+  static std::map<std::tuple<KernelFn, int, int, int>, int> cache;
   std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_tuple(kernel, smem, device);
+  const auto key = std::make_tuple(kernel, warps, smem, device);
   auto it = cache.find(key);
   if (it == cache.end()) {
     if (smem > 48 * 1024)
       MEMLOC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     int per_sm = 0;
-    MEMLOC_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem));
+    MEMLOC_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, warps * 32, smem));
     it = cache.emplace(key, std::max(per_sm, 1)).first;
   }
   return it->second;
@@ -482,31 +490,33 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
   if (layers.empty()) return;
   DeviceGuard guard(device);
   const int sms = sm_count(device);
+  const int warps = block_warps();
   // One launch per (dtype, chunks, staging); the widest rows first.
   std::map<std::tuple<int, int, int>, std::vector<const MaskLayerArgs*>, std::greater<>> groups;
   for (const MaskLayerArgs* a : layers) {
     const int nc = chunks_for(a->d_in);
-    const bool stage = a->S * a->T > 1 && stage_bytes(static_cast<DType>(a->dtype), nc) <= kMaxStageBytes;
+    const bool stage = a->S * a->T > 1 && stage_bytes(static_cast<DType>(a->dtype), nc, warps) <= kMaxStageBytes;
     groups[{nc, a->dtype, stage ? 1 : 0}].push_back(a);
   }
   for (const auto& [key, members] : groups) {
     const int nc = std::get<0>(key);
     const DType dtype = static_cast<DType>(std::get<1>(key));
     const bool stage = std::get<2>(key) != 0;
-    const int smem = stage ? stage_bytes(dtype, nc) : 0;
+    const int smem = stage ? stage_bytes(dtype, nc, warps) : 0;
     const KernelFn kernel = kernel_for(dtype, nc, stage);
-    const std::int64_t resident = static_cast<std::int64_t>(blocks_per_sm(kernel, smem, device)) * sms;
+    const std::int64_t resident = static_cast<std::int64_t>(blocks_per_sm(kernel, warps, smem, device)) * sms;
     for (std::size_t first = 0; first < members.size(); first += kMaxLayers) {
       const std::size_t last = std::min(members.size(), first + kMaxLayers);
       std::int64_t groups_of_rows = 0, max_vec = 1;
       for (std::size_t i = first; i < last; ++i) {
-        groups_of_rows += ceil_div(members[i]->d_out, kWarps);
+        groups_of_rows += ceil_div(members[i]->d_out, warps);
         max_vec = std::max<std::int64_t>(max_vec, members[i]->S * members[i]->T);
       }
       // split the vectors until there are about 4 waves of blocks
       const std::int64_t pieces = std::clamp<std::int64_t>(ceil_div(4 * resident, groups_of_rows), 1, max_vec);
       WLaunch launch{};
       launch.n_layers = static_cast<int>(last - first);
+      launch.warps = warps;
       launch.stats = reinterpret_cast<int*>(stats);
       std::int64_t items = 0;
       for (std::size_t i = first; i < last; ++i) {
@@ -524,10 +534,10 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
         l.span = static_cast<int>(ceil_div(l.n_vec, std::min<std::int64_t>(pieces, l.n_vec)));
         l.n_spans = static_cast<int>(ceil_div(l.n_vec, l.span));
         l.item_begin = static_cast<int>(items);
-        items += ceil_div(a.d_out, kWarps) * l.n_spans;
+        items += ceil_div(a.d_out, warps) * l.n_spans;
       }
       MEMLOC_REQUIRE(items < (1LL << 31), "memorized_mask: too many work items in one launch");
-      kernel<<<static_cast<unsigned>(items), kWarps * 32, smem, as_stream(stream)>>>(launch);
+      kernel<<<static_cast<unsigned>(items), warps * 32, smem, as_stream(stream)>>>(launch);
       MEMLOC_CUDA_CHECK_LAUNCH();
     }
   }
