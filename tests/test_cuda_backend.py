@@ -164,6 +164,58 @@ def test_memorized_mask_on_a_side_stream(cuda):
     assert_words_equal(got.words.reshape(-1, 40), expected, "side stream")
 
 
+# --- the warp kernel (mask_warp.cu) and the block kernel (memorized_mask.cu) ---------------------
+
+# d_in multiples of 8 (the warp kernel's blocks) at the edges of its 256-column chunks and of its
+# compiled chunk counts (5, 10, 20, 32): one block, one chunk, partial chunks, 8192.
+WARP_SHAPES = [(5, 8), (3, 256), (4, 1000), (6, 1288), (2, 2568), (3, 5128), (2, 8192)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["warp", "block"])
+@pytest.mark.parametrize("lead", [(), (3,), (2, 3)], ids=["one-vector", "S3", "S2xT3"])
+@pytest.mark.parametrize("sparsity", [0.01, 0.05], ids=lambda s: f"s{s}")
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
+@pytest.mark.parametrize("shape", WARP_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_memorized_mask_warp_and_block_kernels(cuda, monkeypatch, shape, dtype, sparsity, lead, kernel):
+    if kernel == "block":
+        monkeypatch.setenv("MEMLOC_CUDA_MASK", "block")
+    weight = torch.randn(shape).to(dtype).to(cuda)
+    sumsq, null_sumsq = random_stats(shape[1], *lead, device=cuda)
+    assert_words_equal(*masks(weight, sumsq, null_sumsq, sparsity, "reference"), kernel)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("warps", ["1", "3", "8"])
+def test_memorized_mask_warp_kernel_rows_per_block(cuda, monkeypatch, warps):
+    monkeypatch.setenv("MEMLOC_CUDA_MASK_WARPS", warps)
+    weight = torch.randn(37, 2560).half().to(cuda)  # 37 rows: a last block with fewer rows than warps
+    sumsq, null_sumsq = random_stats(2560, 4, 2, device=cuda)
+    assert_words_equal(*masks(weight, sumsq, null_sumsq, 0.01, "reference"), f"{warps} warps")
+
+
+@pytest.mark.gpu
+def test_memorized_mask_warp_kernel_counts_its_exact_path(cuda):
+    from memloc_kernels.backends.cuda import exact_path_counter
+
+    counter = exact_path_counter(cuda)
+    weight = (torch.randn(64, 1280) * 0.02).half()
+    sumsq, null_sumsq = random_stats(1280, 2, device="cpu")
+    counter.zero_()
+    assert_words_equal(*masks(weight.to(cuda), sumsq.to(cuda), null_sumsq.to(cuda), 0.01, "reference"), "random")
+    assert int(counter.item()) == 0, "random statistics should never need the exact path"
+    # the k-th and (k+1)-th scores of every row equal: ties straddle the k-th place in every problem
+    weight = weight.float().abs() + 1
+    k = mk.topk_count(0.01, 1280)
+    order = weight.argsort(dim=1, descending=True)
+    weight.scatter_(1, order[:, k : k + 2], weight.gather(1, order[:, k - 1 : k]).expand(-1, 2))
+    weight = weight.half().float()  # exact in fp16: the ties survive the cast
+    counter.zero_()
+    assert_words_equal(*masks(weight.half().to(cuda), torch.ones_like(sumsq).to(cuda), null_sumsq.to(cuda), 0.01,
+                              "reference"), "ties")
+    assert int(counter.item()) == 2 * 64, "every problem has a tie at the k-th place"
+
+
 @pytest.mark.gpu
 def test_memorized_mask_wider_than_the_kernel_falls_back_to_torch(cuda):
     weight = torch.randn(2, 16385).half().to(cuda)
