@@ -42,6 +42,8 @@ constexpr int kSlots = kCap / 32;
 constexpr int kMaxLayers = 48;
 constexpr int kMaxStageBytes = 96 * 1024;
 constexpr int kIntMax = 0x7fffffff;
+// Whether eligible layers take this kernel when MEMLOC_CUDA_MASK is unset ("warp": yes, "block": no).
+constexpr bool kWarpByDefault = true;
 
 struct WLayer {
   const void* weight;
@@ -479,8 +481,8 @@ bool aligned16(std::uintptr_t p) { return p % 16 == 0; }
 
 bool memorized_mask_warp_eligible(const MaskLayerArgs& a) {
   const char* env = std::getenv("MEMLOC_CUDA_MASK");  // read per call: tests and benchmarks switch it
-  const bool disabled = env != nullptr && std::strcmp(env, "block") == 0;
-  return !disabled && a.d_in % 8 == 0 && chunks_for(a.d_in) > 0 && a.k <= kCap - 32 && a.k <= a.d_in / 8 &&
+  const bool use = env == nullptr || env[0] == '\0' ? kWarpByDefault : std::strcmp(env, "block") != 0;
+  return use && a.d_in % 8 == 0 && chunks_for(a.d_in) > 0 && a.k <= kCap - 32 && a.k <= a.d_in / 8 &&
          a.dtype >= 0 && a.dtype <= static_cast<int>(DType::kFloat32) && aligned16(a.weight) && aligned16(a.norms) &&
          aligned16(a.null_norms) && a.S * a.T < (1LL << 31);
 }
