@@ -25,9 +25,10 @@ from _meta import git_commit, gpu_name, write_rows  # noqa: E402
 from bench_gpu_ops import bench  # noqa: E402
 
 ROWS: list[dict] = []
-# (label, backend, environment): MEMLOC_CUDA_MASK=block keeps the CUDA block kernel;
+# (label, backend, environment): MEMLOC_CUDA_MASK=warp|block picks the CUDA kernel;
 # MEMLOC_CUDA_MASK_WARPS sets the warp kernel's rows per block (default 8)
-PROVIDERS = [("triton", "triton", {}), ("cuda-warp", "cuda", {}), ("cuda-warp4", "cuda", {"MEMLOC_CUDA_MASK_WARPS": "4"}),
+PROVIDERS = [("triton", "triton", {}), ("cuda-warp", "cuda", {"MEMLOC_CUDA_MASK": "warp"}),
+             ("cuda-warp4", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_WARPS": "4"}),
              ("cuda-block", "cuda", {"MEMLOC_CUDA_MASK": "block"})]
 KNOBS = ("MEMLOC_CUDA_MASK", "MEMLOC_CUDA_MASK_WARPS")
 

@@ -178,8 +178,7 @@ WARP_SHAPES = [(5, 8), (3, 256), (4, 1000), (6, 1288), (2, 2568), (3, 5128), (2,
 @pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
 @pytest.mark.parametrize("shape", WARP_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_memorized_mask_warp_and_block_kernels(cuda, monkeypatch, shape, dtype, sparsity, lead, kernel):
-    if kernel == "block":
-        monkeypatch.setenv("MEMLOC_CUDA_MASK", "block")
+    monkeypatch.setenv("MEMLOC_CUDA_MASK", kernel)
     weight = torch.randn(shape).to(dtype).to(cuda)
     sumsq, null_sumsq = random_stats(shape[1], *lead, device=cuda)
     assert_words_equal(*masks(weight, sumsq, null_sumsq, sparsity, "reference"), kernel)
@@ -188,6 +187,7 @@ def test_memorized_mask_warp_and_block_kernels(cuda, monkeypatch, shape, dtype, 
 @pytest.mark.gpu
 @pytest.mark.parametrize("warps", ["1", "3", "8"])
 def test_memorized_mask_warp_kernel_rows_per_block(cuda, monkeypatch, warps):
+    monkeypatch.setenv("MEMLOC_CUDA_MASK", "warp")
     monkeypatch.setenv("MEMLOC_CUDA_MASK_WARPS", warps)
     weight = torch.randn(37, 2560).half().to(cuda)  # 37 rows: a last block with fewer rows than warps
     sumsq, null_sumsq = random_stats(2560, 4, 2, device=cuda)
@@ -195,9 +195,10 @@ def test_memorized_mask_warp_kernel_rows_per_block(cuda, monkeypatch, warps):
 
 
 @pytest.mark.gpu
-def test_memorized_mask_warp_kernel_counts_its_exact_path(cuda):
+def test_memorized_mask_warp_kernel_counts_its_exact_path(cuda, monkeypatch):
     from memloc_kernels.backends.cuda import exact_path_counter
 
+    monkeypatch.setenv("MEMLOC_CUDA_MASK", "warp")
     counter = exact_path_counter(cuda)
     weight = (torch.randn(64, 1280) * 0.02).half()
     sumsq, null_sumsq = random_stats(1280, 2, device="cpu")
