@@ -1,4 +1,4 @@
-"""The streaming memorized_mask kernels (blocks, blocks-bisect, list, split) against the reference."""
+"""The streaming memorized_mask kernels (blocks, blocks-bisect, list, split, regs) against the reference."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from memloc_kernels import reference as ref
 from memloc_kernels.triton import _config, mask_stream
 
 pytestmark = MARKS
-VARIANTS = ["blocks", "blocks-bisect", "list", "split"]
+VARIANTS = ["blocks", "blocks-bisect", "list", "split", "regs"]
 
 
 def masks(weights, sumsqs, nulls, sparsity, **overrides):
@@ -90,7 +90,7 @@ def test_ties_at_the_kth_place_go_to_the_lower_column(variant):
     assert_masks([w.half()], [torch.ones(2, 100)], [torch.zeros(100)], 0.05, variant=variant)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "regs"])  # regs: a fixed 128-block list
 def test_overflow_takes_the_exact_slow_path(variant):
     """A list of 8 slots cannot hold the candidates: every problem takes the slow path, still exact."""
     counter = mask_stream.slow_path_counter(DEVICE)
@@ -103,7 +103,7 @@ def test_overflow_takes_the_exact_slow_path(variant):
 BLOCK_VARIANTS = [v for v in VARIANTS if v != "list"]
 
 
-@pytest.mark.parametrize("variant", BLOCK_VARIANTS)
+@pytest.mark.parametrize("variant", [v for v in BLOCK_VARIANTS if v != "regs"])  # regs has no `refine`
 def test_loose_bound_is_raised_to_fit_the_tile(variant):
     """``refine``: with no bound steps, far more than 32 blocks reach the bound; raising it on the block maxima
     decides every problem in the tile: exact, no slow path, and the refinement counted."""
@@ -218,3 +218,36 @@ def test_stream_probe_layouts_compute_what_they_time():
     run = subprocess.run([sys.executable, str(script), "--interpret-check"], capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0 and "all variants match torch" in run.stdout, run.stdout + run.stderr
+
+
+# --- the regs variant (mask_regs.py): d_in a multiple of 16 up to 8192, k <= 96 ------------------
+
+REGS_SHAPES = [(3, 16), (3, 1280), (2, 1008), (2, 2560), (2, 2576), (2, 5120), (1, 8192)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", REGS_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_regs_variant_identical_to_reference(shape, dtype):
+    counter = mask_stream.slow_path_counter(DEVICE)
+    counter.zero_()
+    w = (torch.randn(shape) * 0.02).to(dtype)
+    assert_masks([w], [lognormal(2, 2, shape[1])], [lognormal(shape[1])], 0.01, variant="regs")
+    assert slow_count() == 0, "spread statistics should never need the exact path"
+
+
+def test_regs_variant_ties_take_the_exact_path():
+    counter = mask_stream.slow_path_counter(DEVICE)
+    counter.zero_()
+    w = torch.randn(4, 1280).abs() + 1
+    k = mk.topk_count(0.01, 1280)
+    order = w.argsort(dim=1, descending=True)
+    w.scatter_(1, order[:, k : k + 2], w.gather(1, order[:, k - 1 : k]).expand(-1, 2))
+    assert_masks([w.half()], [torch.ones(2, 1280)], [lognormal(1280)], 0.01, variant="regs")
+    assert slow_count() == 4 * 2, "every (row, vector) has equal scores straddling the k-th place"
+
+
+def test_regs_variant_leaves_other_layers_to_the_blocks_kernel():
+    shapes = [(3, 1280), (2, 100), (2, 2560), (3, 1288)]  # 100 and 1288: not multiples of 16
+    weights = [(torch.randn(s) * 0.02).half() for s in shapes]
+    assert_masks(weights, [lognormal(2, s[1]) for s in shapes], [lognormal(s[1]) for s in shapes], 0.02,
+                 variant="regs")

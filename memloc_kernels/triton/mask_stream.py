@@ -565,7 +565,7 @@ def stream_config(d_ins: Sequence[int], ks: Sequence[int], n_vec: int, n_rows: i
     span = int(forced.get("span", vectors * -(-tiles // pieces)))
     # the blocks variant compiles to ~210 registers (the gathered tile's loads in flight); capping
     # at 128 doubles the programs per SM without spilling (H200 sweep: 218 -> 143 us, BENCHMARKS.md)
-    maxnreg = int(forced.get("maxnreg", MAXNREG if variant in ("blocks", "split") and num_warps == 1 else 0))
+    maxnreg = int(forced.get("maxnreg", MAXNREG if variant in ("blocks", "split", "regs") and num_warps == 1 else 0))
     # pass 1 through Triton's pipeliner, 4 stages (3 chunks of async copies in flight): 803.7 ->
     # 753.1 us SDXL, 119.9 -> 119.3 us SD1.5 against prefetching one chunk by hand in registers
     # (which beat no prefetch by 2 %; BENCHMARKS.md)
@@ -620,6 +620,16 @@ def launch_stream(weights, roots: torch.Tensor, n_starts: Sequence[int], z_start
         stats = _counters(device)
     if stats.numel() < 2 or stats.dtype != torch.int32:
         raise ValueError(f"stats must be int32 with 2 elements, got {stats.dtype} with {stats.numel()}")
+    if cfg.variant == "regs":
+        from . import mask_regs  # imported here: it imports this module
+
+        rest = mask_regs.launch_regs(weights, roots, n_starts, z_starts, ks, outs, n_vec, n_t, stats, cfg)
+        if rest:  # layers the regs kernel does not take: the blocks kernel
+            pick = lambda xs: [xs[i] for i in rest]  # noqa: E731
+            with _config.stream_overrides(variant="blocks"):
+                launch_stream(pick(weights), roots, pick(n_starts), pick(z_starts), pick(ks), pick(outs), n_vec, n_t,
+                              stats)
+        return
     if cfg.variant == "split":
         from . import mask_split  # imported here: it imports this module
 
