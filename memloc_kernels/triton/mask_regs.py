@@ -32,7 +32,7 @@ from .mask_stream import _item, _stream_exact
 
 #: Listed blocks at most (4 per lane).
 CAP = 128
-INT_MAX = 0x7FFFFFFF
+INT_MAX = tl.constexpr(0x7FFFFFFF)
 
 
 def chunks_for(d_in: int) -> int:
@@ -47,8 +47,7 @@ def eligible(d_in: int, k: int) -> bool:
 
 @triton.jit
 def _piece(w_row, n_row, c0, n_blocks, NCH: tl.constexpr):
-    """Block maxima (int32 score bits; -1 past the row) of chunks c0 .. c0 + NCH - 1 as ``[NCH, 32]``,
-    and the blocks' indices."""
+    """Block maxima (int32 score bits; -1 past the row) of chunks c0 .. c0 + NCH - 1 as ``[NCH, 32]``."""
     i = tl.arange(0, NCH)[:, None]
     lane = tl.arange(0, 32)[None, :]
     b = (c0 + i) * 32 + lane  # [NCH, 32]
@@ -56,7 +55,7 @@ def _piece(w_row, n_row, c0, n_blocks, NCH: tl.constexpr):
     col = bc[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]
     s = tl.abs(tl.load(w_row + col).to(tl.float32)) * tl.load(n_row + col)
     m = tl.max(s.to(tl.int32, bitcast=True), axis=2)
-    return tl.where(b < n_blocks, m, -1), b
+    return tl.where(b < n_blocks, m, -1)
 
 
 @triton.jit
@@ -111,9 +110,10 @@ def _lane_max(p0, p1, p2, p3, p4, p5, p6, p7, pt, P4: tl.constexpr, TAIL: tl.con
 
 
 @triton.jit
-def _list_piece(lst, p, b, lo, base):
-    """Store the indices of the piece's blocks whose maximum reaches lo at lane-local positions
-    ``base`` + (rank within the lane); returns the new per-lane base."""
+def _list_piece(lst, p, c0, lo, base, NCH: tl.constexpr):
+    """Store the indices of the piece's blocks (chunks c0 ..) whose maximum reaches lo at lane-local
+    positions ``base`` + (rank within the lane); returns the new per-lane base."""
+    b = (c0 + tl.arange(0, NCH)[:, None]) * 32 + tl.arange(0, 32)[None, :]
     hit = p >= lo
     pos = base[None, :] + tl.cumsum(hit.to(tl.int32), axis=0) - 1
     tl.store(lst + pos, b, mask=hit)
@@ -147,31 +147,31 @@ def _regs_mask_kernel(
             z_row = z_ptr + z_off + v * d_in
             out_row = out_ptr + o_off + ((v // n_t).to(tl.int64) * d_out + row) * n_words
             # 1. block maxima, in pieces of 4 chunks and a tail (unused pieces alias p0)
-            p0, b0 = _piece(w_row, n_row, 0, n_blocks, 4)
-            p1, b1 = p0, b0
-            p2, b2 = p0, b0
-            p3, b3 = p0, b0
-            p4, b4 = p0, b0
-            p5, b5 = p0, b0
-            p6, b6 = p0, b0
-            p7, b7 = p0, b0
+            p0 = _piece(w_row, n_row, 0, n_blocks, 4)
+            p1 = p0
+            p2 = p0
+            p3 = p0
+            p4 = p0
+            p5 = p0
+            p6 = p0
+            p7 = p0
             if P4 > 1:
-                p1, b1 = _piece(w_row, n_row, 4, n_blocks, 4)
+                p1 = _piece(w_row, n_row, 4, n_blocks, 4)
             if P4 > 2:
-                p2, b2 = _piece(w_row, n_row, 8, n_blocks, 4)
+                p2 = _piece(w_row, n_row, 8, n_blocks, 4)
             if P4 > 3:
-                p3, b3 = _piece(w_row, n_row, 12, n_blocks, 4)
+                p3 = _piece(w_row, n_row, 12, n_blocks, 4)
             if P4 > 4:
-                p4, b4 = _piece(w_row, n_row, 16, n_blocks, 4)
+                p4 = _piece(w_row, n_row, 16, n_blocks, 4)
             if P4 > 5:
-                p5, b5 = _piece(w_row, n_row, 20, n_blocks, 4)
+                p5 = _piece(w_row, n_row, 20, n_blocks, 4)
             if P4 > 6:
-                p6, b6 = _piece(w_row, n_row, 24, n_blocks, 4)
+                p6 = _piece(w_row, n_row, 24, n_blocks, 4)
             if P4 > 7:
-                p7, b7 = _piece(w_row, n_row, 28, n_blocks, 4)
-            pt, bt = p0, b0
+                p7 = _piece(w_row, n_row, 28, n_blocks, 4)
+            pt = p0
             if TAIL > 0:
-                pt, bt = _piece(w_row, n_row, 4 * P4, n_blocks, TAIL)
+                pt = _piece(w_row, n_row, 4 * P4, n_blocks, TAIL)
             # 2. a bound lo reached by k to CAP block maxima (start 8 octaves below the top)
             top = _lane_max(p0, p1, p2, p3, p4, p5, p6, p7, pt, P4, TAIL)
             lo = tl.maximum(top - (8 << 23), 0)
@@ -212,23 +212,23 @@ def _regs_mask_kernel(
                 if TAIL > 0:
                     per_lane += _ge(pt, lo)
                 base = tl.cumsum(per_lane, axis=0) - per_lane
-                base = _list_piece(lst, p0, b0, lo, base)
+                base = _list_piece(lst, p0, 0, lo, base, 4)
                 if P4 > 1:
-                    base = _list_piece(lst, p1, b1, lo, base)
+                    base = _list_piece(lst, p1, 4, lo, base, 4)
                 if P4 > 2:
-                    base = _list_piece(lst, p2, b2, lo, base)
+                    base = _list_piece(lst, p2, 8, lo, base, 4)
                 if P4 > 3:
-                    base = _list_piece(lst, p3, b3, lo, base)
+                    base = _list_piece(lst, p3, 12, lo, base, 4)
                 if P4 > 4:
-                    base = _list_piece(lst, p4, b4, lo, base)
+                    base = _list_piece(lst, p4, 16, lo, base, 4)
                 if P4 > 5:
-                    base = _list_piece(lst, p5, b5, lo, base)
+                    base = _list_piece(lst, p5, 20, lo, base, 4)
                 if P4 > 6:
-                    base = _list_piece(lst, p6, b6, lo, base)
+                    base = _list_piece(lst, p6, 24, lo, base, 4)
                 if P4 > 7:
-                    base = _list_piece(lst, p7, b7, lo, base)
+                    base = _list_piece(lst, p7, 28, lo, base, 4)
                 if TAIL > 0:
-                    base = _list_piece(lst, pt, bt, lo, base)
+                    base = _list_piece(lst, pt, 4 * P4, lo, base, TAIL)
                 tl.debug_barrier()  # the list is written by all lanes before anyone reads it
                 n_listed = c_lo
                 blk = tl.load(lst + slots, mask=slots < n_listed, other=-1)  # [CAPQ, 32]
