@@ -29,6 +29,8 @@ ROWS: list[dict] = []
 # (label, backend, environment): MEMLOC_CUDA_MASK=warp|block picks the CUDA kernel;
 # MEMLOC_CUDA_MASK_WARPS sets the warp kernel's rows per block (default 8)
 PROVIDERS = [("triton", "triton", {}), ("triton-regs", "triton", {"stream": "regs"}),
+             ("triton-regs168", "triton", {"stream": "regs", "maxnreg": 168}),
+             ("triton-regs-nocap", "triton", {"stream": "regs", "maxnreg": 0}),
              ("cuda-warp", "cuda", {"MEMLOC_CUDA_MASK": "warp"}),
              ("cuda-warp4", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_WARPS": "4"}),
              ("cuda-block", "cuda", {"MEMLOC_CUDA_MASK": "block"})]
@@ -51,8 +53,9 @@ def run(label, shapes, lead, heavy=False, rep=100):
             os.environ.pop(knob, None)
         env = dict(env)
         variant = env.pop("stream", None)  # a Triton streaming-kernel variant (stream_overrides)
+        forced = {"variant": variant, **({"maxnreg": env.pop("maxnreg")} if "maxnreg" in env else {})}
         os.environ.update(env)
-        ctx = _config.stream_overrides(variant=variant) if variant else contextlib.nullcontext()
+        ctx = _config.stream_overrides(**forced) if variant else contextlib.nullcontext()
         try:
             ctx.__enter__()
             counter.zero_()
@@ -74,7 +77,7 @@ def run(label, shapes, lead, heavy=False, rep=100):
                          "median_us": f"{med:.2f}", "p20_us": f"{p20:.2f}", "p80_us": f"{p80:.2f}",
                          "gbps": f"{gbps:.0f}", "gpu": gpu_name(), "date": _date(), "commit": git_commit(),
                          "timing": timing + (", per vector" if lead else ""), "note": note})
-            print(f"  {label:<28} {name:<11} {med:9.2f} us  (p20 {p20:.2f}, p80 {p80:.2f})  {note}", flush=True)
+            print(f"  {label:<28} {name:<17} {med:9.2f} us  (p20 {p20:.2f}, p80 {p80:.2f})  {note}", flush=True)
         except Exception as exc:  # one provider failing must not stop the others
             print(f"  ERROR {label} [{name}]: {type(exc).__name__}: {exc}", flush=True)
         finally:
@@ -105,9 +108,9 @@ def main() -> int:
         run("sdxl x1", SDXL, ())
         run("sdxl 10x10", SDXL, (10, 10), rep=200)
     write_rows(ROWS, "cuda_mask.csv")
-    print(f"\n{'shape':<28} {'backend':<11} {'median_us':>10} {'p20':>9} {'p80':>9} {'GB/s':>6}  note")
+    print(f"\n{'shape':<28} {'backend':<17} {'median_us':>10} {'p20':>9} {'p80':>9} {'GB/s':>6}  note")
     for r in ROWS:
-        print(f"{r['shape']:<28} {r['backend']:<11} {r['median_us']:>10} {r['p20_us']:>9} {r['p80_us']:>9} "
+        print(f"{r['shape']:<28} {r['backend']:<17} {r['median_us']:>10} {r['p20_us']:>9} {r['p80_us']:>9} "
               f"{r['gbps']:>6}  {r['note']}")
     return 0
 
