@@ -31,6 +31,7 @@ ROWS: list[dict] = []
 PROVIDERS = [("triton", "triton", {}), ("triton-regs", "triton", {"stream": "regs"}),
              ("triton-regs168", "triton", {"stream": "regs", "maxnreg": 168}),
              ("triton-regs-nocap", "triton", {"stream": "regs", "maxnreg": 0}),
+             ("triton-regs-serial", "triton", {"stream": "regs", "serial": 1}),
              ("cuda-warp", "cuda", {"MEMLOC_CUDA_MASK": "warp"}),
              ("cuda-warp4", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_WARPS": "4"}),
              ("cuda-block", "cuda", {"MEMLOC_CUDA_MASK": "block"})]
@@ -53,7 +54,7 @@ def run(label, shapes, lead, heavy=False, rep=100):
             os.environ.pop(knob, None)
         env = dict(env)
         variant = env.pop("stream", None)  # a Triton streaming-kernel variant (stream_overrides)
-        forced = {"variant": variant, **({"maxnreg": env.pop("maxnreg")} if "maxnreg" in env else {})}
+        forced = {"variant": variant, **{f: env.pop(f) for f in ("maxnreg", "serial") if f in env}}
         os.environ.update(env)
         ctx = _config.stream_overrides(**forced) if variant else contextlib.nullcontext()
         try:

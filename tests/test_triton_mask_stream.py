@@ -227,11 +227,12 @@ REGS_SHAPES = [(3, 16), (3, 1280), (2, 1008), (2, 2560), (2, 2576), (2, 5120), (
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", REGS_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_regs_variant_identical_to_reference(shape, dtype):
+@pytest.mark.parametrize("serial", [0, 1], ids=["parallel", "serial"])
+def test_regs_variant_identical_to_reference(shape, dtype, serial):
     counter = mask_stream.slow_path_counter(DEVICE)
     counter.zero_()
     w = (torch.randn(shape) * 0.02).to(dtype)
-    assert_masks([w], [lognormal(2, 2, shape[1])], [lognormal(shape[1])], 0.01, variant="regs")
+    assert_masks([w], [lognormal(2, 2, shape[1])], [lognormal(shape[1])], 0.01, variant="regs", serial=serial)
     assert slow_count() == 0, "spread statistics should never need the exact path"
 
 

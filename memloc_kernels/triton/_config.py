@@ -116,7 +116,7 @@ MASK_KERNEL = "stream"
 # Fields of mask_stream.StreamConfig that a benchmark may force (``stream_overrides(rows=2)``).
 _STREAM_OVERRIDES: dict[str, object] = {}
 _STREAM_FIELDS = ("variant", "rows", "vectors", "chunk", "cap", "bound_steps", "num_warps", "span", "progs_per_sm",
-                  "maxnreg", "prefetch", "stages", "pipe", "group", "by_width", "refine")
+                  "maxnreg", "prefetch", "stages", "pipe", "group", "by_width", "refine", "serial")
 
 
 @contextlib.contextmanager

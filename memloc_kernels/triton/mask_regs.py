@@ -46,12 +46,19 @@ def eligible(d_in: int, k: int) -> bool:
 
 
 @triton.jit
-def _piece(w_row, n_row, c0, n_blocks, NCH: tl.constexpr):
-    """Block maxima (int32 score bits; -1 past the row) of chunks c0 .. c0 + NCH - 1 as ``[NCH, 32]``."""
+def _piece(w_row, n_row, c0, n_blocks, prev, NCH: tl.constexpr, SERIAL: tl.constexpr):
+    """Block maxima (int32 score bits; -1 past the row) of chunks c0 .. c0 + NCH - 1 as ``[NCH, 32]``.
+
+    ``SERIAL``: the loads wait for the previous piece ``prev`` (its top bits can never be -2, a
+    negative NaN, so the clamp below never moves), which keeps one piece's loads in flight at a
+    time instead of all of them (fewer registers)."""
     i = tl.arange(0, NCH)[:, None]
     lane = tl.arange(0, 32)[None, :]
     b = (c0 + i) * 32 + lane  # [NCH, 32]
-    bc = tl.minimum(b, n_blocks - 1)  # loads clamped to a real block: no masks
+    last = n_blocks - 1
+    if SERIAL:
+        last = last - (tl.max(tl.max(prev, axis=0), axis=0) == -2).to(tl.int32)
+    bc = tl.minimum(b, last)  # loads clamped to a real block: no masks
     col = bc[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]
     s = tl.abs(tl.load(w_row + col).to(tl.float32)) * tl.load(n_row + col)
     m = tl.max(s.to(tl.int32, bitcast=True), axis=2)
@@ -126,7 +133,7 @@ def _regs_mask_kernel(
     item_layer_ptr, item_row_ptr, item_vec_ptr,
     lay_w_ptr, lay_n_ptr, lay_z_ptr, lay_o_ptr, lay_dout_ptr, lay_din_ptr, lay_k_ptr,
     n_items, n_vec, n_t, vec_span,
-    P4: tl.constexpr, TAIL: tl.constexpr, CAPQ: tl.constexpr, CH: tl.constexpr,
+    P4: tl.constexpr, TAIL: tl.constexpr, CAPQ: tl.constexpr, CH: tl.constexpr, SERIAL: tl.constexpr = False,
 ):
     """Persistent grid over work items (one row x a span of vectors); see the module docstring."""
     pid = tl.program_id(0)
@@ -147,7 +154,7 @@ def _regs_mask_kernel(
             z_row = z_ptr + z_off + v * d_in
             out_row = out_ptr + o_off + ((v // n_t).to(tl.int64) * d_out + row) * n_words
             # 1. block maxima, in pieces of 4 chunks and a tail (unused pieces alias p0)
-            p0 = _piece(w_row, n_row, 0, n_blocks, 4)
+            p0 = _piece(w_row, n_row, 0, n_blocks, 0, 4, False)
             p1 = p0
             p2 = p0
             p3 = p0
@@ -156,22 +163,22 @@ def _regs_mask_kernel(
             p6 = p0
             p7 = p0
             if P4 > 1:
-                p1 = _piece(w_row, n_row, 4, n_blocks, 4)
+                p1 = _piece(w_row, n_row, 4, n_blocks, p0, 4, SERIAL)
             if P4 > 2:
-                p2 = _piece(w_row, n_row, 8, n_blocks, 4)
+                p2 = _piece(w_row, n_row, 8, n_blocks, p1, 4, SERIAL)
             if P4 > 3:
-                p3 = _piece(w_row, n_row, 12, n_blocks, 4)
+                p3 = _piece(w_row, n_row, 12, n_blocks, p2, 4, SERIAL)
             if P4 > 4:
-                p4 = _piece(w_row, n_row, 16, n_blocks, 4)
+                p4 = _piece(w_row, n_row, 16, n_blocks, p3, 4, SERIAL)
             if P4 > 5:
-                p5 = _piece(w_row, n_row, 20, n_blocks, 4)
+                p5 = _piece(w_row, n_row, 20, n_blocks, p4, 4, SERIAL)
             if P4 > 6:
-                p6 = _piece(w_row, n_row, 24, n_blocks, 4)
+                p6 = _piece(w_row, n_row, 24, n_blocks, p5, 4, SERIAL)
             if P4 > 7:
-                p7 = _piece(w_row, n_row, 28, n_blocks, 4)
+                p7 = _piece(w_row, n_row, 28, n_blocks, p6, 4, SERIAL)
             pt = p0
             if TAIL > 0:
-                pt = _piece(w_row, n_row, 4 * P4, n_blocks, TAIL)
+                pt = _piece(w_row, n_row, 4 * P4, n_blocks, p0, TAIL, False)
             # 2. a bound lo reached by k to CAP block maxima (start 8 octaves below the top)
             top = _lane_max(p0, p1, p2, p3, p4, p5, p6, p7, pt, P4, TAIL)
             lo = tl.maximum(top - (8 << 23), 0)
@@ -318,7 +325,7 @@ def launch_regs(weights, roots, n_starts, z_starts, ks, outs, n_vec: int, n_t: i
         regs_cap = {"maxnreg": cfg.maxnreg} if cfg.maxnreg and not _config.interpreting() else {}
         compiled = _regs_mask_kernel[(nprog,)](
             w_base, roots, roots, o_base, lst, stats, *tables, n_items, n_vec, n_t, cfg.span,
-            P4=nc // 4, TAIL=nc % 4, CAPQ=CAP // 32, CH=256, num_warps=1, **regs_cap,
+            P4=nc // 4, TAIL=nc % 4, CAPQ=CAP // 32, CH=256, SERIAL=bool(cfg.serial), num_warps=1, **regs_cap,
         )
         regs = getattr(compiled, "n_regs", 0)
         if device.type == "cuda" and regs and key not in _OCCUPANCY and "progs_per_sm" not in _config.stream_forced():

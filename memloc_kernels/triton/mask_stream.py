@@ -521,7 +521,8 @@ class StreamConfig:
     pipeliner with that many stages (asynchronous copies to shared memory) instead; ``refine``
     (blocks variants): a tile of k + k/8 + 4 blocks, and problems with more candidate blocks raise
     their bound on the block maxima to fit instead of taking the slow path (measured slower on the
-    H100, BENCHMARKS.md, so off)."""
+    H100, BENCHMARKS.md, so off); ``serial`` (regs variant): each piece of pass 1 waits for the
+    previous one (fewer registers in flight)."""
 
     variant: str
     rows: int
@@ -537,6 +538,7 @@ class StreamConfig:
     stages: int = 3
     pipe: int = 0
     refine: int = 0
+    serial: int = 0
 
 
 def stream_config(d_ins: Sequence[int], ks: Sequence[int], n_vec: int, n_rows: int,
@@ -572,7 +574,8 @@ def stream_config(d_ins: Sequence[int], ks: Sequence[int], n_vec: int, n_rows: i
     pipe = int(forced.get("pipe", 4))
     prefetch = int(forced.get("prefetch", 0 if pipe > 1 else 1))
     return StreamConfig(variant, rows, vectors, chunk, cap, int(forced.get("bound_steps", 10)), num_warps, span,
-                        progs_per_sm, maxnreg, prefetch, int(forced.get("stages", 3)), pipe, refine)
+                        progs_per_sm, maxnreg, prefetch, int(forced.get("stages", 3)), pipe, refine,
+                        int(forced.get("serial", 0)))
 
 
 def stream_eligible(ks: Sequence[int]) -> bool:
