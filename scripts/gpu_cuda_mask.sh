@@ -11,11 +11,11 @@ MEMLOC_CUDA=1 python setup.py build_ext --inplace > "$OUT/build.log" 2>&1
 echo "build rc $? after ${SECONDS} s" | tee -a "$OUT/build.log"
 OUT="$OUT" timeout "${BENCH_S:-240}" python benchmarks/bench_cuda_mask.py ${BENCH_ARGS:-} > "$OUT/cuda_mask.log" 2>&1
 echo "bench rc $? after ${SECONDS} s" >> "$OUT/cuda_mask.log"
-left=$((570 - SECONDS))
+left=$((${TOTAL_S:-570} - SECONDS))
 if [ "${SKIP_TESTS:-0}" != 1 ] && [ "$left" -gt 30 ]; then
     timeout "$left" python -m pytest -q tests/test_triton_mask_stream.py > "$OUT/tests.log" 2>&1
     echo "triton mask-stream tests rc $? after ${SECONDS} s" >> "$OUT/tests.log"
-    left=$((570 - SECONDS))
+    left=$((${TOTAL_S:-570} - SECONDS))
     MEMLOC_REQUIRE_CUDA_BACKEND=1 timeout "$left" python -m pytest -q -k "${TEST_K:-memorized}" \
         tests/test_cuda_backend.py >> "$OUT/tests.log" 2>&1
     echo "cuda tests rc $? (given ${left} s; 124 = cut off)" >> "$OUT/tests.log"
