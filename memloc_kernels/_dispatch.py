@@ -22,9 +22,10 @@ import torch
 BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
 
 # Per op and device type, the order in which "auto" tries backends. For CUDA tensors this is the
-# ranking measured on an H200 (BENCHMARKS.md, "GPU backends side by side"):
-#   memorized_mask  SD1.5 x1: triton 142 us, cuda 184 us; batched: triton 117, cuda 148 us/vector;
-#                   SDXL x1: triton 995, cuda 1446 us (streaming kernel, commit ca025f5)
+# ranking measured on an H200 (BENCHMARKS.md, "GPU backends side by side"), and for memorized_mask
+# on an H100 (fifth session, commit 1cceae4; cuda = its warp kernel, mask_warp.cu):
+#   memorized_mask  SD1.5 x1: cuda 79.1 us, triton 123.6 us; batched: cuda 38.5, triton 95.7 us/vector
+#                   (the block kernel it replaced for these layers: 187.1 / 149.9 us)
 #   mask_iou (mask_intersections) 1000 SD1.5 masks: cuda 0.24 s, triton 0.65 s (popcount kernel)
 #   apply_mask / restore 76800x5120 at 1 %: cuda 293 / 264 us, triton 2135 / 1324 us (scan kernel)
 #   accumulate_sumsq 32x4096x1280: triton 142 us, cuda 172 us
@@ -34,7 +35,7 @@ _CUDA_FIRST = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "referenc
 _TRITON_FIRST = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
 AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     "default": _TRITON_FIRST,
-    "memorized_mask": _TRITON_FIRST,
+    "memorized_mask": _CUDA_FIRST,
     "mask_intersections": _CUDA_FIRST,
     "mask_popcount": _CUDA_FIRST,
     "apply_mask": _CUDA_FIRST,

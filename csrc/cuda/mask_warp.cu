@@ -37,6 +37,7 @@ namespace memloc::cuda {
 namespace {
 
 constexpr int kWarps = 8;            // warps (rows) per block at most: they share each norm row in L1
+constexpr int kDefaultWarps = 4;     // H100, SD1.5: 79.1 us with 4, 81.5 with 8 (BENCHMARKS.md)
 constexpr int kCap = 128;            // listed blocks at most (kSlots per lane)
 constexpr int kSlots = kCap / 32;
 constexpr int kMaxLayers = 48;
@@ -53,7 +54,7 @@ struct WLayer {
   int d_out, d_in, k, T;
   int n_vec;       // S * T norm vectors
   int span;        // vectors per work item
-  int n_spans;     // work items per group of kWarps rows
+  int n_spans;     // work items per group of `warps` rows
   int item_begin;  // first work item (block) of this layer in the launch
 };
 
@@ -451,10 +452,10 @@ int chunks_for(std::int64_t d_in) {
 
 int stage_bytes(DType dtype, int nc, int warps) { return warps * nc * 256 * element_size(dtype); }
 
-// Rows per block: 8, or MEMLOC_CUDA_MASK_WARPS (1..8, a tuning knob read per call).
+// Rows per block: kDefaultWarps, or MEMLOC_CUDA_MASK_WARPS (1..8, a tuning knob read per call).
 int block_warps() {
   const char* env = std::getenv("MEMLOC_CUDA_MASK_WARPS");
-  const int w = env != nullptr ? std::atoi(env) : kWarps;
+  const int w = env != nullptr ? std::atoi(env) : kDefaultWarps;
   return std::clamp(w, 1, kWarps);
 }
 

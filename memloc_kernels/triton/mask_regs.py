@@ -1,5 +1,13 @@
 """memorized_mask, "regs" variant: one warp per (row, vector), the row's 8-column block maxima in registers.
 
+Opt-in (``stream_overrides(variant="regs")``): measured slower than the default blocks kernel on an
+H100 (2026-12-06, commit 1cceae4, SD1.5; BENCHMARKS.md, fifth session): one vector 133.0 us at a
+168-register cap (182.8 at 128, where Triton 3.6 spills 472 bytes; 181.0 uncapped at 206
+registers; 141.0 with ``serial``) against 123.6 us, batched 103.7 us per vector at best against
+95.7. The same design in CUDA (``csrc/cuda/mask_warp.cu``) runs in 79.1 / 38.5 us: Triton 3.6
+emits about twice its instructions here (5,440 SASS instructions for 20 chunks against ~2,300)
+and hoists every piece's loads, which is what ``serial`` undoes.
+
 The design of the CUDA warp kernel (``csrc/cuda/mask_warp.cu``) in Triton. Lane l owns the
 8-column block ``32 i + l`` of every 256-column chunk i. Pass 1 keeps the block maxima in
 registers as pieces of 4 chunks (``[4, 32]`` tensors: 4 values per lane) plus a tail of 1 or 2

@@ -506,6 +506,7 @@ MAXNREG = 128
 @dataclasses.dataclass(frozen=True)
 class StreamConfig:
     """``variant``: ``"blocks"`` (pass 2 gathers the 8-column blocks that can hold a winner),
+    ``"regs"`` (``mask_regs``: the block maxima stay in registers; opt-in, measured slower),
     ``"split"`` (the same selection after a separate multi-warp pass-1 kernel: ``mask_split``) or
     ``"list"`` (pass 2 streams the whole row into a list of every score >= the bound);
     ``"blocks-bisect"`` is ``"blocks"`` with one bisection over the gathered tile instead of two
