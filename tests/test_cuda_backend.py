@@ -185,7 +185,7 @@ def test_memorized_mask_warp_and_block_kernels(cuda, monkeypatch, shape, dtype, 
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("warps", ["1", "3", "8"])
+@pytest.mark.parametrize("warps", ["1", "3", "4", "8"])
 def test_memorized_mask_warp_kernel_rows_per_block(cuda, monkeypatch, warps):
     monkeypatch.setenv("MEMLOC_CUDA_MASK", "warp")
     monkeypatch.setenv("MEMLOC_CUDA_MASK_WARPS", warps)
