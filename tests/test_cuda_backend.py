@@ -123,8 +123,10 @@ def test_memorized_mask_sd15_shapes(cuda, shape, dtype, lead, oracle):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("sparsity", [0.01, 0.02, 0.03, 0.1], ids=lambda s: f"s{s}")
-def test_memorized_mask_larger_k_takes_the_exact_fallback(cuda, sparsity):
-    # k above ~1.5% of d_in leaves too many filter candidates: the block-wide radix select runs.
+def test_memorized_mask_larger_k_takes_the_exact_fallback(cuda, monkeypatch, sparsity):
+    # The block kernel: k above ~1.5% of d_in leaves too many filter candidates, so its block-wide
+    # radix select runs (the warp kernel would take s = 1 %: MEMLOC_CUDA_MASK=block keeps it out).
+    monkeypatch.setenv("MEMLOC_CUDA_MASK", "block")
     weight = torch.randn(64, 5120).half().to(cuda)
     sumsq, null_sumsq = random_stats(5120, 2, 2, device=cuda)
     assert_words_equal(*masks(weight, sumsq, null_sumsq, sparsity, "reference"))
