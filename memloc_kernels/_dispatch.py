@@ -15,6 +15,7 @@ supports the device; the reference backend implements everything and runs everyw
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -25,7 +26,8 @@ BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
 # ranking measured on an H200 (BENCHMARKS.md, "GPU backends side by side"), and for memorized_mask
 # on an H100 (fifth session, commit 1cceae4; cuda = its warp kernel, mask_warp.cu):
 #   memorized_mask  SD1.5 x1: cuda 79.1 us, triton 123.6 us; batched: cuda 38.5, triton 95.7 us/vector
-#                   (the block kernel it replaced for these layers: 187.1 / 149.9 us)
+#                   (the block kernel it replaced for these layers: 187.1 / 149.9 us); layers the
+#                   warp kernel does not take go to Triton under "auto" (select_memorized_mask)
 #   mask_iou (mask_intersections) 1000 SD1.5 masks: cuda 0.24 s, triton 0.65 s (popcount kernel)
 #   apply_mask / restore 76800x5120 at 1 %: cuda 293 / 264 us, triton 2135 / 1324 us (scan kernel)
 #   accumulate_sumsq 32x4096x1280: triton 142 us, cuda 172 us
@@ -92,6 +94,22 @@ def select(op: str, backend: str, device: torch.device) -> Any:
     if not hasattr(candidate, op):
         raise BackendUnavailableError(f"backend {backend!r} does not implement {op}")
     return candidate
+
+
+def select_memorized_mask(backend: str, device: torch.device, shapes: Sequence[tuple[int, int]]) -> Any:
+    """:func:`select` for ``memorized_mask`` over layers of ``(d_in, k)``: under ``"auto"`` the CUDA
+    backend only when its warp kernel takes every layer (it is the fast one; its block kernel, for
+    the rest, is slower than Triton's: BENCHMARKS.md), else the default order (Triton first)."""
+    impl = select("memorized_mask", backend, device)
+    if backend == "auto" and getattr(impl, "name", "") == "cuda":
+        from .backends.cuda import warp_kernel_takes
+
+        if not all(warp_kernel_takes(d_in, k) for d_in, k in shapes):
+            for name in AUTO_ORDER["default"].get(device.type, ()):
+                candidate = get_backend(name)
+                if hasattr(candidate, "memorized_mask") and candidate.availability()[0] and candidate.supports(device):
+                    return candidate
+    return impl
 
 
 class _Missing:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _validate as v
-from ._dispatch import select
+from ._dispatch import select, select_memorized_mask
 from .reference import topk_count
 from .types import PackedMask, PruneRecord, n_words
 
@@ -171,7 +171,7 @@ def memorized_mask(
     k = topk_count(sparsity, d_in)
     shape = (*lead, d_out, d_in)
     words = _output_words(out, packed, shape, weight.device)
-    impl = select("memorized_mask", backend, weight.device)
+    impl = select_memorized_mask(backend, weight.device, [(d_in, k)])
     impl.memorized_mask(weight, s3, n3, k, words.view(s3.shape[0], d_out, n_words(d_in)))
     return _deliver(words, out, packed, d_in, impl)
 
@@ -210,7 +210,7 @@ def memorized_masks(
         ks.append(topk_count(sparsity, d_in))
         words.append(out_words)
         views.append(out_words.view(s3.shape[0], d_out, n_words(d_in)))
-    impl = select("memorized_mask", backend, device)
+    impl = select_memorized_mask(backend, device, [(w.shape[1], k) for w, k in zip(ws, ks)])
     if hasattr(impl, "memorized_mask_multi"):
         impl.memorized_mask_multi(ws, s3s, n3s, ks, views)
     else:

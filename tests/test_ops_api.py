@@ -393,3 +393,38 @@ def test_auto_matches_reference():
     auto = mk.memorized_mask(weight, sumsq, null_sumsq, 0.05)
     assert_masks_equal(auto, mk.reference.memorized_mask(weight, sumsq, null_sumsq, 0.05))
     assert math.isclose(float(mk.mask_density(auto).mean()), float(auto.double().mean()))
+
+
+class _FakeBackend:
+    """Stands in for a GPU backend in dispatch tests (no GPU needed: nothing is launched)."""
+
+    device_note = "fake"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def availability(self) -> tuple[bool, str]:
+        return True, ""
+
+    def supports(self, device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def memorized_mask(self, *args) -> None:  # present so that select() sees the op
+        raise AssertionError("not called")
+
+
+@pytest.mark.parametrize(
+    "shapes, expected",
+    [
+        ([(1280, 12), (2560, 25), (5120, 51)], "cuda"),  # SD1.5 at s = 1 %: the warp kernel takes them all
+        ([(5120, 51), (5120, 102)], "triton"),  # k > 96: the CUDA block kernel would run, slower than Triton
+        ([(1283, 12)], "triton"),  # d_in not a multiple of 8
+        ([(16384, 163)], "triton"),  # wider than the warp kernel
+    ],
+)
+def test_auto_takes_the_cuda_warp_kernel_only_for_layers_it_takes(monkeypatch, shapes, expected):
+    fakes = {"cuda": _FakeBackend("cuda"), "triton": _FakeBackend("triton")}
+    monkeypatch.setattr(_dispatch, "_loaded", {**_dispatch._loaded, **fakes})
+    device = torch.device("cuda")
+    assert _dispatch.select_memorized_mask("auto", device, shapes).name == expected
+    assert _dispatch.select_memorized_mask("cuda", device, shapes).name == "cuda"  # explicit: always cuda

@@ -44,6 +44,14 @@ def _norms(sumsqs: list[torch.Tensor]) -> list[torch.Tensor]:
     return list(torch._foreach_sqrt(sumsqs))
 
 
+def warp_kernel_takes(d_in: int, k: int) -> bool:
+    """Whether ``memorized_mask``'s warp kernel (``csrc/cuda/mask_warp.cu``) takes a layer of this
+    width and k (its rule, less the 16-byte alignment of the rows, which fresh torch tensors have):
+    d_in a multiple of 8 up to 8192, k at most 96 and at most d_in / 8. Other layers run the block
+    kernel (``memorized_mask.cu``)."""
+    return d_in % 8 == 0 and d_in <= 8192 and k <= 96 and k <= d_in // 8
+
+
 _COUNTERS: dict[str, torch.Tensor] = {}
 
 
