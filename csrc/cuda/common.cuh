@@ -82,4 +82,18 @@ __device__ __forceinline__ double to_acc<double, double>(double x) { return x; }
 
 __device__ __forceinline__ unsigned lanemask_lt(int lane) { return (1u << lane) - 1u; }
 
+// The fields every memorized_mask launcher copies from MaskLayerArgs into its kernel's layer table
+// (pointers, d_out, d_in, k, T); each adds its own (row or item offsets, S, spans).
+template <typename Layer>
+inline void fill_mask_layer(Layer& l, const MaskLayerArgs& a) {
+  l.weight = reinterpret_cast<const void*>(a.weight);
+  l.norms = reinterpret_cast<const float*>(a.norms);
+  l.null_norms = reinterpret_cast<const float*>(a.null_norms);
+  l.out = reinterpret_cast<std::uint32_t*>(a.out);
+  l.d_out = static_cast<int>(a.d_out);
+  l.d_in = static_cast<int>(a.d_in);
+  l.k = static_cast<int>(a.k);
+  l.T = static_cast<int>(a.T);
+}
+
 }  // namespace memloc::cuda

@@ -525,14 +525,7 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
       for (std::size_t i = first; i < last; ++i) {
         const MaskLayerArgs& a = *members[i];
         WLayer& l = launch.layers[i - first];
-        l.weight = reinterpret_cast<const void*>(a.weight);
-        l.norms = reinterpret_cast<const float*>(a.norms);
-        l.null_norms = reinterpret_cast<const float*>(a.null_norms);
-        l.out = reinterpret_cast<std::uint32_t*>(a.out);
-        l.d_out = static_cast<int>(a.d_out);
-        l.d_in = static_cast<int>(a.d_in);
-        l.k = static_cast<int>(a.k);
-        l.T = static_cast<int>(a.T);
+        fill_mask_layer(l, a);
         l.n_vec = static_cast<int>(a.S * a.T);
         l.span = static_cast<int>(ceil_div(l.n_vec, std::min<std::int64_t>(pieces, l.n_vec)));
         l.n_spans = static_cast<int>(ceil_div(l.n_vec, l.span));

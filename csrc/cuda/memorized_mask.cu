@@ -489,15 +489,8 @@ void memorized_mask(const std::vector<MaskLayerArgs>& layers, std::uintptr_t str
       for (std::size_t i = first; i < last; ++i) {
         const MaskLayerArgs& a = *members[i].first;
         Layer& l = launch.layers[i - first];
-        l.weight = reinterpret_cast<const void*>(a.weight);
-        l.norms = reinterpret_cast<const float*>(a.norms);
-        l.null_norms = reinterpret_cast<const float*>(a.null_norms);
-        l.out = reinterpret_cast<std::uint32_t*>(a.out);
-        l.d_out = static_cast<int>(a.d_out);
-        l.d_in = static_cast<int>(a.d_in);
-        l.k = static_cast<int>(a.k);
+        fill_mask_layer(l, a);
         l.S = static_cast<int>(a.S);
-        l.T = static_cast<int>(a.T);
         l.row_begin = static_cast<int>(rows);
         rows += a.d_out;
         max_s = std::max<std::int64_t>(max_s, a.S);

@@ -82,6 +82,12 @@ def _ge(x, t):
 @triton.jit
 def _count(p0, p1, p2, p3, p4, p5, p6, p7, pt, t, P4: tl.constexpr, TAIL: tl.constexpr):
     """How many block maxima of the row (pieces p0..p{P4-1} and the tail) are >= t."""
+    return tl.sum(_count_lanes(p0, p1, p2, p3, p4, p5, p6, p7, pt, t, P4, TAIL), axis=0)
+
+
+@triton.jit
+def _count_lanes(p0, p1, p2, p3, p4, p5, p6, p7, pt, t, P4: tl.constexpr, TAIL: tl.constexpr):
+    """Per lane ``[32]``: how many of its block maxima are >= t."""
     c = _ge(p0, t)
     if P4 > 1:
         c += _ge(p1, t)
@@ -99,7 +105,7 @@ def _count(p0, p1, p2, p3, p4, p5, p6, p7, pt, t, P4: tl.constexpr, TAIL: tl.con
         c += _ge(p7, t)
     if TAIL > 0:
         c += _ge(pt, t)
-    return tl.sum(c, axis=0)
+    return c
 
 
 @triton.jit
@@ -209,23 +215,7 @@ def _regs_mask_kernel(
             done = tl.zeros([], tl.int32)
             if fast:
                 # 3. list the blocks reaching lo: lane-local positions after a warp scan of the counts
-                per_lane = tl.sum((p0 >= lo).to(tl.int32), axis=0)
-                if P4 > 1:
-                    per_lane += _ge(p1, lo)
-                if P4 > 2:
-                    per_lane += _ge(p2, lo)
-                if P4 > 3:
-                    per_lane += _ge(p3, lo)
-                if P4 > 4:
-                    per_lane += _ge(p4, lo)
-                if P4 > 5:
-                    per_lane += _ge(p5, lo)
-                if P4 > 6:
-                    per_lane += _ge(p6, lo)
-                if P4 > 7:
-                    per_lane += _ge(p7, lo)
-                if TAIL > 0:
-                    per_lane += _ge(pt, lo)
+                per_lane = _count_lanes(p0, p1, p2, p3, p4, p5, p6, p7, pt, lo, P4, TAIL)
                 base = tl.cumsum(per_lane, axis=0) - per_lane
                 base = _list_piece(lst, p0, 0, lo, base, 4)
                 if P4 > 1:
