@@ -1,0 +1,172 @@
+"""A NumPy model of the CUDA warp kernel's selection (csrc/cuda/mask_warp.cu): trip counts and an instruction budget.
+
+The kernel's steps, one (row, vector) at a time, on the int32 bits of the float32 scores: block maxima
+of 8 columns; a bisection until k to CAP block maxima reach the bound; the list; a bisection to the
+k-th largest listed block maximum; the smallest scores dropped until k remain. This model runs the
+same steps in NumPy (tests/test_model_mask_warp.py checks its masks against the reference) and counts
+how often each loop runs on the benchmark data (``benchmarks/_masks.py``: N(0, 0.02) fp16 weights,
+log-normal statistics), then weighs the counts with the warp-instruction cost of each step, read from
+the kernel's sm_90 SASS (nvcc 13.0, f16 weights, commit 1cceae4; ``--costs`` prints them):
+
+    python benchmarks/model_mask_warp.py [--vectors 3] [--heavy]
+
+No GPU needed. The estimate is warp-instructions per SD1.5 vector, against the issue rate of an
+H100/H200 (132 SMs x 4 schedulers x 1.98 GHz); the measured time then gives the issue efficiency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
+
+CAP = 128
+
+# Warp-instructions per step of mask_warp_kernel<__half, NC, false>: the lengths of its sm_90 SASS
+# regions (nvcc 13.0, commit 1cceae4; loop bodies between a backward branch and its target, straight
+# regions between REDUX instructions), by chunk count NC: pass 1 (all chunks, up to the top's
+# REDUX.MAX), the setup up to the register bisection (the first counts; it includes the rarely taken
+# recount from 0), one register bisection step; NC-independent: the list (fixed part + one ffs-loop
+# trip per hit of the busiest lane), one 32-slot gather group, one list bisection step, the raise +
+# first score count, one drop iteration, one null/OR group. Static lengths: an approximation of what
+# runs (a few predicated-off instructions are counted).
+PASS1 = {5: 159, 10: 327, 20: 661, 32: 1084}
+SETUP = {5: 79, 10: 112, 20: 167, 32: 232}
+REG_STEP = {5: 31, 10: 46, 20: 76, 32: 112}
+LIST_FIXED, LIST_PER_HIT = 70, 9
+GATHER_GROUP = 53
+LIST_STEP = 28
+RAISE_AND_COUNT = 115
+DROP = 186
+NULL_GROUP = 80
+
+
+@dataclass
+class Trips:
+    reg_steps: int
+    listed: int
+    list_steps: int
+    drops: int
+    busiest_lane: int
+    exact: bool
+
+
+def chunks_for(d_in: int) -> int:
+    need = -(-d_in // 256)
+    return next(nc for nc in (5, 10, 20, 32) if need <= nc)
+
+
+def select_row(bits: np.ndarray, k: int, cap: int = CAP) -> tuple[np.ndarray | None, Trips]:
+    """The kernel's fast path on one row's score bits (int32, d_in a multiple of 8): the columns of
+    the top k (None where the kernel takes its exact path) and the loop trip counts."""
+    nb = bits.size // 8
+    nc = chunks_for(bits.size)
+    blocks = bits.reshape(nb, 8)
+    bm = np.full(nc * 32, -1, np.int64)
+    bm[:nb] = blocks.max(axis=1)
+    top = int(bm.max())
+    lo, hi = max(top - (8 << 23), 0), top + 1
+    count = lambda t: int((bm >= t).sum())  # noqa: E731
+    c_lo = count(lo)
+    if c_lo < k:
+        hi, lo = max(lo, 1), 0
+        c_lo = count(0)
+    reg_steps = 0
+    while c_lo >= k and c_lo > cap and hi - lo > 1:
+        mid = lo + (hi - lo) // 2
+        c = count(mid)
+        reg_steps += 1
+        if c >= k:
+            lo, c_lo = mid, c
+        else:
+            hi = mid
+    if c_lo < k or c_lo > cap:
+        return None, Trips(reg_steps, 0, 0, 0, 0, True)
+    listed = np.nonzero(bm >= lo)[0]
+    busiest = int(np.bincount(listed % 32, minlength=32).max())
+    bmx = bm[listed]
+    sc = blocks[listed]
+    list_steps = 0
+    while c_lo > k and hi - lo > 1:
+        mid = lo + (hi - lo) // 2
+        c = int((bmx >= mid).sum())
+        list_steps += 1
+        if c >= k:
+            lo, c_lo = mid, c
+        else:
+            hi = mid
+    if c_lo == k:
+        lo = int(bmx[bmx >= lo].min())
+    c_s = int((sc >= lo).sum())
+    drops = 0
+    while c_s > k:
+        low = int(sc[sc >= lo].min())
+        n_low = int((sc == low).sum())
+        drops += 1
+        if c_s - n_low < k:  # equal scores straddle the k-th place: the exact path
+            return None, Trips(reg_steps, len(listed), list_steps, drops, busiest, True)
+        lo, c_s = low + 1, c_s - n_low
+    cols = (listed[:, None] * 8 + np.arange(8)[None, :])[sc >= lo]
+    return np.sort(cols), Trips(reg_steps, len(listed), list_steps, drops, busiest, False)
+
+
+def instructions(d_in: int, t: Trips) -> float:
+    """Warp-instructions of one (row, vector) on the fast path, from the step costs above."""
+    nc = chunks_for(d_in)
+    groups = -(-t.listed // 32)
+    return (PASS1[nc] + SETUP[nc] + REG_STEP[nc] * t.reg_steps + LIST_FIXED + LIST_PER_HIT * t.busiest_lane
+            + GATHER_GROUP * groups + LIST_STEP * t.list_steps + RAISE_AND_COUNT + DROP * t.drops
+            + NULL_GROUP * groups)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vectors", type=int, default=3, help="statistics vectors per layer shape")
+    parser.add_argument("--heavy", action="store_true", help="0.5 %% of columns with 100x statistics")
+    parser.add_argument("--costs", action="store_true", help="print the per-step costs and exit")
+    args = parser.parse_args()
+    if args.costs:
+        for name in ("PASS1", "SETUP", "REG_STEP", "LIST_FIXED", "LIST_PER_HIT", "GATHER_GROUP", "LIST_STEP",
+                     "RAISE_AND_COUNT", "DROP", "NULL_GROUP"):
+            print(f"{name:<16} {globals()[name]}")
+        return 0
+    import torch
+
+    from benchmarks._masks import SD15, layer_stats
+
+    shapes = sorted(set(SD15))
+    weights, sumsqs, _ = layer_stats(shapes, (args.vectors,), heavy=args.heavy, device="cpu")
+    total = 0.0
+    print(f"{'d_in':>6} {'k':>3} {'reg steps':>9} {'listed':>7} {'list steps':>10} {'drops':>6} {'exact':>6} "
+          f"{'instr/problem':>13}")
+    for (d_out, d_in), w, s in zip(shapes, weights, sumsqs):
+        k = max(1, int(0.01 * d_in))
+        aw = w.float().abs().numpy()
+        trips, instr = [], []
+        for v in range(args.vectors):
+            n = torch.sqrt(s[v]).numpy()
+            scores = (aw * n[None, :]).astype(np.float32).view(np.int32)
+            for r in range(d_out):
+                _, t = select_row(scores[r], k)
+                trips.append(t)
+                instr.append(instructions(d_in, t))
+        per_problem = float(np.mean(instr))
+        total += per_problem * d_out * SD15.count((d_out, d_in))
+        mean = lambda f, ts=trips: float(np.mean([f(t) for t in ts]))  # noqa: E731
+        print(f"{d_in:>6} {k:>3} {mean(lambda t: t.reg_steps):>9.2f} {mean(lambda t: t.listed):>7.1f} "
+              f"{mean(lambda t: t.list_steps):>10.2f} {mean(lambda t: t.drops):>6.2f} "
+              f"{sum(t.exact for t in trips):>6} {per_problem:>13.0f}")
+    rate = 132 * 4 * 1.98e9
+    print(f"\nSD1.5, one vector: {total / 1e6:.1f} M warp-instructions = {total / rate * 1e6:.1f} us at the full "
+          f"issue rate of 132 SMs x 4 x 1.98 GHz (H100 measured 38.5 us per vector batched: "
+          f"{total / rate * 1e6 / 38.5 * 100:.0f} % issue efficiency)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
