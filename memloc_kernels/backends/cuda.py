@@ -128,8 +128,11 @@ class CudaBackend:
         self.memorized_mask_multi([weight], [sumsq], [null_sumsq], [k], [out])
 
     def memorized_mask_multi(self, weights, sumsqs, null_sumsqs, ks, outs):
-        """All layers in few launches (one per shape class). Layers wider than the kernel's limit
-        (``_C.cuda_memorized_mask_max_d_in()``, 16384) run the reference's torch code instead."""
+        """All layers in few launches: the warp kernel (``mask_warp.cu``) for the layers it takes
+        (:func:`warp_kernel_takes`; one launch per chunk class), the block kernel for the others
+        (one launch per shape class). Layers wider than the block kernel's limit
+        (``_C.cuda_memorized_mask_max_d_in()``, 16384) run the reference's torch code instead.
+        ``MEMLOC_CUDA_MASK=block`` / ``warp`` in the environment forces the kernel (read per call)."""
         max_d_in = _C.cuda_memorized_mask_max_d_in()
         layers = []
         for weight, sumsq, null_sumsq, k, out in zip(weights, sumsqs, null_sumsqs, ks, outs):
