@@ -79,12 +79,7 @@ def select(op: str, backend: str, device: torch.device) -> Any:
     """The backend that runs ``op`` on ``device`` under the dispatch rule above."""
     if backend == "auto":
         orders = AUTO_ORDER.get(op, AUTO_ORDER["default"])
-        order = orders.get(device.type, AUTO_ORDER["default"].get(device.type, ("reference",)))
-        for name in order:
-            candidate = get_backend(name)
-            if hasattr(candidate, op) and candidate.availability()[0] and candidate.supports(device):
-                return candidate
-        return get_backend("reference")
+        return _first_usable(op, orders.get(device.type, AUTO_ORDER["default"].get(device.type, ())), device)
     candidate = get_backend(backend)
     ok, reason = candidate.availability()
     if not ok:
@@ -105,11 +100,18 @@ def select_memorized_mask(backend: str, device: torch.device, shapes: Sequence[t
         from .backends.cuda import warp_kernel_takes
 
         if not all(warp_kernel_takes(d_in, k) for d_in, k in shapes):
-            for name in AUTO_ORDER["default"].get(device.type, ()):
-                candidate = get_backend(name)
-                if hasattr(candidate, "memorized_mask") and candidate.availability()[0] and candidate.supports(device):
-                    return candidate
+            return _first_usable("memorized_mask", AUTO_ORDER["default"].get(device.type, ()), device)
     return impl
+
+
+def _first_usable(op: str, order: Sequence[str], device: torch.device) -> Any:
+    """The first backend in ``order`` that implements ``op``, is available and runs on ``device``;
+    the reference (which runs everything everywhere) when none does."""
+    for name in order:
+        candidate = get_backend(name)
+        if hasattr(candidate, op) and candidate.availability()[0] and candidate.supports(device):
+            return candidate
+    return get_backend("reference")
 
 
 class _Missing:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference as ref
+from .._counters import device_counters
 from ._native import _C, IMPORT_FAILURE, checked_ptr, dtype_code
 
 _IMPORT_ERROR = (
@@ -52,20 +53,11 @@ def warp_kernel_takes(d_in: int, k: int) -> bool:
     return d_in % 8 == 0 and d_in <= 8192 and k <= 96 and k <= d_in // 8
 
 
-_COUNTERS: dict[str, torch.Tensor] = {}
-
-
 def exact_path_counter(device: torch.device) -> torch.Tensor:
     """int32 ``[1]`` on ``device``: how many (row, vector) problems the warp kernel of
     ``memorized_mask`` decided by its exact path (ties at the k-th place, or a bound it could not
     tighten); every call adds to it, benchmarks and tests read and reset it."""
-    device = torch.device(device)
-    if device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = str(device)
-    if key not in _COUNTERS:
-        _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return _COUNTERS[key]
+    return device_counters("cuda.mask_warp", 1, device)
 
 
 class CudaBackend:

@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._counters import device_counters
 from . import _config
 
 
@@ -677,18 +678,9 @@ def launch_stream(weights, roots: torch.Tensor, n_starts: Sequence[int], z_start
 
 
 _OCCUPANCY: dict[tuple, int] = {}
-_COUNTERS: dict[str, torch.Tensor] = {}
-
-
 def _counters(device: torch.device) -> torch.Tensor:
     """int32 ``[2]`` on ``device``: [slow exact path, bound raised to fit the tile] problem counts."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())  # "cuda" and "cuda:0" share one counter
-    key = str(device)
-    if key not in _COUNTERS:
-        _COUNTERS[key] = torch.zeros(2, dtype=torch.int32, device=device)
-    return _COUNTERS[key]
+    return device_counters("triton.mask_stream", 2, device)
 
 
 def slow_path_counter(device: torch.device) -> torch.Tensor:
