@@ -60,32 +60,31 @@ def run(label, shapes, lead, heavy=False, rep=100):
         os.environ.update(env)
         ctx = _config.stream_overrides(**forced) if variant else contextlib.nullcontext()
         try:
-            ctx.__enter__()
-            counter.zero_()
-            slow = mask_stream.slow_path_counter(weights[0].device)
-            slow.zero_()
-            bad = 0 if backend == "reference" else mismatches(mk, weights, sumsqs, nulls,
-                                                             subsets=2 if lead else None, backend=backend)
-            exact = int(counter.item()) + int(slow.item())
-            if bad:
-                print(f"  MISMATCH {label} [{name}]: {bad} entries differ", flush=True)
-                continue
-            outs = empty_outs(mk, weights, lead)
-            fn = functools.partial(mk.memorized_masks, weights, sumsqs, nulls, 0.01, outs=outs, check_finite=False,
-                                   backend=backend)
-            ms, timing = bench(fn, graph=not lead, rep=rep if backend != "reference" else 30)
-            med, p20, p80 = (x * 1e3 / per for x in ms)
-            gbps = wbytes / per / (med * 1e-6) / 1e9
-            note = f"exact-path problems {exact}"
-            ROWS.append({"op": "memorized_mask", "shape": label, "dtype": "float16", "backend": name,
-                         "median_us": f"{med:.2f}", "p20_us": f"{p20:.2f}", "p80_us": f"{p80:.2f}",
-                         "gbps": f"{gbps:.0f}", "gpu": gpu_name(), "date": _date(), "commit": git_commit(),
-                         "timing": timing + (", per vector" if lead else ""), "note": note})
-            print(f"  {label:<28} {name:<17} {med:9.2f} us  (p20 {p20:.2f}, p80 {p80:.2f})  {note}", flush=True)
+            with ctx:
+                counter.zero_()
+                slow = mask_stream.slow_path_counter(weights[0].device)
+                slow.zero_()
+                bad = 0 if backend == "reference" else mismatches(mk, weights, sumsqs, nulls,
+                                                                 subsets=2 if lead else None, backend=backend)
+                exact = int(counter.item()) + int(slow.item())
+                if bad:
+                    print(f"  MISMATCH {label} [{name}]: {bad} entries differ", flush=True)
+                    continue
+                outs = empty_outs(mk, weights, lead)
+                fn = functools.partial(mk.memorized_masks, weights, sumsqs, nulls, 0.01, outs=outs, check_finite=False,
+                                       backend=backend)
+                ms, timing = bench(fn, graph=not lead, rep=rep if backend != "reference" else 30)
+                med, p20, p80 = (x * 1e3 / per for x in ms)
+                gbps = wbytes / per / (med * 1e-6) / 1e9
+                note = f"exact-path problems {exact}"
+                ROWS.append({"op": "memorized_mask", "shape": label, "dtype": "float16", "backend": name,
+                             "median_us": f"{med:.2f}", "p20_us": f"{p20:.2f}", "p80_us": f"{p80:.2f}",
+                             "gbps": f"{gbps:.0f}", "gpu": gpu_name(), "date": _date(), "commit": git_commit(),
+                             "timing": timing + (", per vector" if lead else ""), "note": note})
+                print(f"  {label:<28} {name:<17} {med:9.2f} us  (p20 {p20:.2f}, p80 {p80:.2f})  {note}", flush=True)
         except Exception as exc:  # one provider failing must not stop the others
             print(f"  ERROR {label} [{name}]: {type(exc).__name__}: {exc}", flush=True)
         finally:
-            ctx.__exit__(None, None, None)
             for knob in KNOBS:
                 os.environ.pop(knob, None)
 
