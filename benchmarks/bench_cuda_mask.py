@@ -27,13 +27,14 @@ from bench_gpu_ops import bench  # noqa: E402
 
 ROWS: list[dict] = []
 # (label, backend, environment): MEMLOC_CUDA_MASK=warp|block picks the CUDA kernel;
-# MEMLOC_CUDA_MASK_WARPS sets the warp kernel's rows per block (default 8)
+# MEMLOC_CUDA_MASK_WARPS sets the warp kernel's rows per block (default 4)
 PROVIDERS = [("reference", "reference", {}), ("triton", "triton", {}), ("triton-regs", "triton", {"stream": "regs"}),
              ("triton-regs168", "triton", {"stream": "regs", "maxnreg": 168}),
              ("triton-regs-nocap", "triton", {"stream": "regs", "maxnreg": 0}),
              ("triton-regs-serial", "triton", {"stream": "regs", "serial": 1}),
              ("cuda-warp", "cuda", {"MEMLOC_CUDA_MASK": "warp"}),
-             ("cuda-warp4", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_WARPS": "4"}),
+             ("cuda-warp2", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_WARPS": "2"}),
+             ("cuda-warp8", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_WARPS": "8"}),
              ("cuda-block", "cuda", {"MEMLOC_CUDA_MASK": "block"})]
 KNOBS = ("MEMLOC_CUDA_MASK", "MEMLOC_CUDA_MASK_WARPS")
 
@@ -98,7 +99,14 @@ def _date() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="SD1.5 only")
+    parser.add_argument("--only", default="", help="comma-separated provider labels to run (default: all)")
     args = parser.parse_args()
+    if args.only:
+        keep = set(args.only.split(","))
+        unknown = keep - {label for label, _, _ in PROVIDERS}
+        if unknown:
+            parser.error(f"unknown provider(s): {', '.join(sorted(unknown))}")
+        PROVIDERS[:] = [p for p in PROVIDERS if p[0] in keep]
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to benchmark")
         return 1

@@ -339,6 +339,35 @@ def test_memorized_masks_sd15_16_layers(cuda, oracle):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("warps", ["1", "4", "8"])
+@pytest.mark.parametrize("lead", [(), (2,)], ids=["one-vector", "S2"])
+def test_memorized_masks_warp_kernel_one_launch_for_all_widths(cuda, monkeypatch, lead, warps):
+    # Every chunk class in one launch (widest first), row counts that are not multiples of the rows
+    # per block, and more work items than resident blocks: each persistent block solves several
+    # items, prefetching its next row while it selects in the current one.
+    monkeypatch.setenv("MEMLOC_CUDA_MASK", "warp")
+    monkeypatch.setenv("MEMLOC_CUDA_MASK_WARPS", warps)
+    shapes = [(1283, 1280), (7, 5128), (645, 2560), (1301, 5120), (3, 8192), (9, 8), (1, 2568)]
+    _check_layers(*_layers(shapes, cuda, lead=lead), 0.01, "reference")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["warp", "block"])
+@pytest.mark.parametrize("sparsity", [0.01, 0.3], ids=lambda s: f"s{s}")
+def test_memorized_mask_negative_zero_statistics(cuda, monkeypatch, kernel, sparsity):
+    # sqrt(-0.0) = -0.0 and |W| * -0.0 = -0.0: the reference ties it with +0.0 (the lowest score);
+    # ordered by raw bits it would sit below -1 (int32) or above every score (uint32).
+    monkeypatch.setenv("MEMLOC_CUDA_MASK", kernel)
+    weight = torch.randn(48, 1280).half()
+    sumsq, null_sumsq = random_stats(1280, 2, device="cpu")
+    cols = torch.randperm(1280, generator=torch.Generator().manual_seed(3))[:64]
+    sumsq[..., cols] = -0.0
+    null_sumsq[..., cols[:32]] = -0.0
+    assert torch.signbit(sumsq).any(), "the statistics hold -0.0"
+    assert_words_equal(*masks(weight.to(cuda), sumsq.to(cuda), null_sumsq.to(cuda), sparsity, "reference"), kernel)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("oracle", ORACLES)
 def test_memorized_masks_sdxl_ffn2_70_layers(cuda, oracle):
     _check_layers(*_layers(SDXL_FFN2, cuda, lead=(2, 2)), 0.01, oracle)

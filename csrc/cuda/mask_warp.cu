@@ -21,8 +21,14 @@
 // column-ordered scan) and is counted in `stats` when given.
 //
 // Non-negative floats (and NaN, above +inf, as in torch.topk) order like their int32 bits, so all
-// comparisons are on int32; padding is -1. Batched launches (several vectors per warp) first copy
-// each warp's weight row to shared memory (kStage), so that W is read from HBM once per item.
+// comparisons are on int32; padding is -1. Scores use |norm|, so that a -0.0 statistic (its root is
+// -0.0) scores +0.0 and ties with the other zeros, as in the reference.
+//
+// One launch per (dtype, staging) takes every width: layers widest first, persistent blocks (as
+// many as are resident) walk the work items in a snake order, and each layer runs the code compiled
+// for its chunk count. Staged launches keep each warp's weight row in shared memory: the next
+// item's row is copied there with cp.async as soon as pass 1 of the current row's last vector has
+// read it, so HBM streams while the selection runs (the rest of that vector reads W from L2).
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -52,6 +58,7 @@ struct WLayer {
   const float* null_norms;
   std::uint32_t* out;
   int d_out, d_in, k, T;
+  int nc;          // chunks of 256 columns (5, 10, 20 or 32): the compiled selection it runs
   int n_vec;       // S * T norm vectors
   int span;        // vectors per work item
   int n_spans;     // work items per group of `warps` rows
@@ -61,6 +68,7 @@ struct WLayer {
 struct WLaunch {
   WLayer layers[kMaxLayers];
   int n_layers;
+  int n_items;
   int warps;  // rows per block (blockDim.x / 32), at most kWarps
   int* stats;  // problems that took the exact path (may be null)
 };
@@ -124,20 +132,30 @@ template <typename T, bool kStage>
 struct RowSource {
   const uint4* global;  // the row as 16-byte words
   const uint4* shared;  // kStage: this warp's copy
+  bool staged;          // kStage: the copy still holds this row (no prefetch of the next one yet)
   __device__ __forceinline__ Raw8<T> load(int block) const {
     constexpr int kQ = sizeof(T) / 2;
     Raw8<T> r;
 #pragma unroll
-    for (int q = 0; q < kQ; ++q) r.q[q] = kStage ? shared[block * kQ + q] : __ldg(global + block * kQ + q);
+    for (int q = 0; q < kQ; ++q)
+      r.q[q] = kStage && staged ? shared[block * kQ + q] : __ldg(global + block * kQ + q);
     return r;
   }
 };
+
+// cp.async (sm_80+): 16 bytes global -> shared without registers; completion per thread.
+__device__ __forceinline__ void cp_async16(uint4* dst, const uint4* src) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
 // Score bits of the 8 columns of a block (the reference's float32 product).
 template <typename T>
 __device__ __forceinline__ void block_scores(const Raw8<T>& w, const Norm8& n, int (&s)[8]) {
 #pragma unroll
-  for (int j = 0; j < 8; ++j) s[j] = __float_as_int(__fmul_rn(abs_elem<T>(w, j), n[j]));
+  for (int j = 0; j < 8; ++j) s[j] = __float_as_int(__fmul_rn(abs_elem<T>(w, j), fabsf(n[j])));
 }
 
 __device__ __forceinline__ int warp_count(int local) { return static_cast<int>(__reduce_add_sync(kFullMask, local)); }
@@ -196,43 +214,36 @@ __device__ void exact_row(const RowSource<T, kStage>& src, const float* nrow, co
     for (int j = 0; j < 8; ++j) {
       const int rank = before + __popc(eq & ((1u << j) - 1u));
       const bool top = key(s[j]) > tau || (((eq >> j) & 1u) && rank < need);
-      if (top && __int_as_float(s[j]) > __fmul_rn(abs_elem<T>(w, j), z[j])) bits |= 1u << j;
+      if (top && __int_as_float(s[j]) > __fmul_rn(abs_elem<T>(w, j), fabsf(z[j]))) bits |= 1u << j;
     }
     if (bits) atomicOr(out_row + (b >> 2), bits << ((b & 3) * 8));
   }
 }
 
+// The next work item's weight row, copied into this warp's shared-memory buffer with cp.async
+// while the current row's selection runs (kStage launches). `src` is null when there is none.
+struct Prefetch {
+  const uint4* src;
+  int words;  // 16-byte words
+  __device__ __forceinline__ void issue(uint4* dst, int lane) {
+    if (src == nullptr) return;
+    __syncwarp();  // every lane is done reading the buffer
+    for (int i = lane; i < words; i += 32) cp_async16(dst + i, src + i);
+    cp_async_commit();
+    src = nullptr;
+  }
+};
+
+// Eq. 5-7 for one (row, vector range): the steps in the header comment. `src` reads the staged
+// copy until the next row's prefetch is issued (after pass 1 of the last vector), then global
+// memory (the row is still in L2).
 template <typename T, int NC, bool kStage>
-__global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_constant__ WLaunch launch) {
-  extern __shared__ uint4 s_rows[];  // kStage: each warp's weight row
-  __shared__ int s_list[kWarps][kCap];
-  constexpr int kQ = sizeof(T) / 2;
-  const int lane = static_cast<int>(threadIdx.x) & 31;
-  const int warp = static_cast<int>(threadIdx.x) >> 5;
-  const int item_id = static_cast<int>(blockIdx.x);
-  int li = 0;
-  while (li + 1 < launch.n_layers && item_id >= launch.layers[li + 1].item_begin) ++li;
-  const WLayer& ly = launch.layers[li];
-  const int item = item_id - ly.item_begin;
-  const int row = (item / ly.n_spans) * launch.warps + warp;
-  if (row >= ly.d_out) return;  // no block-wide barrier below: each warp works alone
+__device__ void solve_row(const WLayer& ly, int row, int v_begin, int v_end, RowSource<T, kStage>& src, Prefetch& next,
+                          uint4* buffer, int* list, int lane, int* stats) {
   const int d_in = ly.d_in;
   const int k = ly.k;
   const int n_blocks = d_in >> 3;
   const int n_words = (d_in + 31) >> 5;
-  const int v_begin = (item % ly.n_spans) * ly.span;
-  const int v_end = min(v_begin + ly.span, ly.n_vec);
-
-  RowSource<T, kStage> src;
-  src.global = reinterpret_cast<const uint4*>(static_cast<const T*>(ly.weight) + static_cast<std::size_t>(row) * d_in);
-  src.shared = s_rows + static_cast<std::size_t>(warp) * NC * 32 * kQ;
-  if (kStage) {
-    uint4* mine = s_rows + static_cast<std::size_t>(warp) * NC * 32 * kQ;
-    for (int i = lane; i < n_blocks * kQ; i += 32) mine[i] = __ldg(src.global + i);
-    __syncwarp();
-  }
-  int* list = s_list[warp];
-
   for (int v = v_begin; v < v_end; ++v) {
     const float* nrow = ly.norms + static_cast<std::size_t>(v) * d_in;
     const float* zrow = ly.null_norms + static_cast<std::size_t>(v) * d_in;
@@ -263,6 +274,10 @@ __global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_
 #pragma unroll
     for (int i = 1; i < NC; ++i) lmax = max(lmax, bm[i]);
     const int top = __reduce_max_sync(kFullMask, lmax);
+    if (kStage && v + 1 == v_end) {  // pass 1 was this row's last read of the buffer
+      next.issue(buffer, lane);
+      src.staged = false;
+    }
     int lo = max(top - (8 << 23), 0);
     long long hi = static_cast<long long>(top) + 1;  // count(>= hi) == 0 < k (NaN bits are INT_MAX)
     int c_lo = count_bm(lo);
@@ -399,7 +414,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_
               const Norm8 z = load_norm8(zrow, b);
 #pragma unroll
               for (int j = 0; j < 8; ++j) {
-                if (!(__int_as_float(sc[q][j]) > __fmul_rn(abs_elem<T>(w, j), z[j]))) bits &= ~(1u << j);
+                if (!(__int_as_float(sc[q][j]) > __fmul_rn(abs_elem<T>(w, j), fabsf(z[j])))) bits &= ~(1u << j);
               }
               if (bits) atomicOr(out_row + (b >> 2), bits << ((b & 3) * 8));
             }
@@ -408,9 +423,83 @@ __global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_
         continue;
       }
     }
-    if (lane == 0 && launch.stats) atomicAdd(launch.stats, 1);
+    if (lane == 0 && stats) atomicAdd(stats, 1);
     exact_row<T, kStage>(src, nrow, zrow, out_row, n_blocks, k, lane);
   }
+}
+
+// Work item `item` of the launch for warp `warp`: its layer (searched from `li`, items ascend) and row.
+__device__ __forceinline__ int layer_of(const WLaunch& launch, int item, int li) {
+  while (li + 1 < launch.n_layers && item >= launch.layers[li + 1].item_begin) ++li;
+  return li;
+}
+
+__device__ __forceinline__ int row_of(const WLaunch& launch, const WLayer& ly, int item, int warp) {
+  return ((item - ly.item_begin) / ly.n_spans) * launch.warps + warp;
+}
+
+// Persistent blocks: block b takes items b, 2G - 1 - b, 2G + b, ... (G blocks; a snake order, so
+// that the per-block sums of the descending item sizes even out). Warp w of a block solves row w
+// of the item's group of rows, for the item's span of vectors. Layers come widest first; NC is the
+// widest layer's chunk count and each layer runs the code compiled for its own.
+template <typename T, int NC, bool kStage>
+__global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_constant__ WLaunch launch) {
+  extern __shared__ uint4 s_rows[];  // kStage: each warp's weight row
+  __shared__ int s_list[kWarps][kCap];
+  constexpr int kQ = sizeof(T) / 2;
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  const int grid = static_cast<int>(gridDim.x);
+  const int block = static_cast<int>(blockIdx.x);
+  uint4* buffer = s_rows + static_cast<std::size_t>(warp) * NC * 32 * kQ;
+  int* list = s_list[warp];
+  auto item_at = [&](int pass) { return pass * grid + ((pass & 1) ? grid - 1 - block : block); };
+  // The row of `item` for this warp as a prefetch (none past the end or past the layer's rows).
+  auto prefetch_of = [&](int item, int li) {
+    Prefetch p{nullptr, 0};
+    if (!kStage || item >= launch.n_items) return p;
+    const WLayer& ly = launch.layers[layer_of(launch, item, li)];
+    const int row = row_of(launch, ly, item, warp);
+    if (row < ly.d_out) {
+      p.src = reinterpret_cast<const uint4*>(static_cast<const T*>(ly.weight) + static_cast<std::size_t>(row) * ly.d_in);
+      p.words = (ly.d_in >> 3) * kQ;
+    }
+    return p;
+  };
+
+  int li = 0;
+  Prefetch next = prefetch_of(item_at(0), 0);
+  next.issue(buffer, lane);
+  for (int pass = 0;; ++pass) {
+    const int item = item_at(pass);
+    if (item >= launch.n_items) break;
+    li = layer_of(launch, item, li);
+    const WLayer& ly = launch.layers[li];
+    const int row = row_of(launch, ly, item, warp);
+    next = prefetch_of(item_at(pass + 1), li);
+    if (kStage) {
+      cp_async_wait_all();
+      __syncwarp();  // the other lanes' copies are visible
+    }
+    if (row >= ly.d_out) {  // no block-wide barrier: each warp works alone
+      next.issue(buffer, lane);
+      continue;
+    }
+    RowSource<T, kStage> src;
+    src.global = reinterpret_cast<const uint4*>(static_cast<const T*>(ly.weight) + static_cast<std::size_t>(row) * ly.d_in);
+    src.shared = buffer;
+    src.staged = true;
+    const int v_begin = ((item - ly.item_begin) % ly.n_spans) * ly.span;
+    const int v_end = min(v_begin + ly.span, ly.n_vec);
+    switch (ly.nc) {
+      case 5: solve_row<T, 5, kStage>(ly, row, v_begin, v_end, src, next, buffer, list, lane, launch.stats); break;
+      case 10: if constexpr (NC >= 10) solve_row<T, 10, kStage>(ly, row, v_begin, v_end, src, next, buffer, list, lane, launch.stats); break;
+      case 20: if constexpr (NC >= 20) solve_row<T, 20, kStage>(ly, row, v_begin, v_end, src, next, buffer, list, lane, launch.stats); break;
+      default: if constexpr (NC >= 32) solve_row<T, 32, kStage>(ly, row, v_begin, v_end, src, next, buffer, list, lane, launch.stats); break;
+    }
+    next.issue(buffer, lane);  // not issued yet if the span was empty
+  }
+  if (kStage) cp_async_wait_all();  // no copy outlives the block
 }
 
 using KernelFn = void (*)(WLaunch);
@@ -494,28 +583,29 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
   DeviceGuard guard(device);
   const int sms = sm_count(device);
   const int warps = block_warps();
-  // One launch per (dtype, chunks, staging); the widest rows first.
-  std::map<std::tuple<int, int, int>, std::vector<const MaskLayerArgs*>, std::greater<>> groups;
+  // One launch per (dtype, staging), whatever the widths; in each, the widest rows first.
+  std::map<std::pair<int, int>, std::vector<const MaskLayerArgs*>> groups;
   for (const MaskLayerArgs* a : layers) {
-    const int nc = chunks_for(a->d_in);
-    const bool stage = a->S * a->T > 1 && stage_bytes(static_cast<DType>(a->dtype), nc, warps) <= kMaxStageBytes;
-    groups[{nc, a->dtype, stage ? 1 : 0}].push_back(a);
+    const bool stage = stage_bytes(static_cast<DType>(a->dtype), chunks_for(a->d_in), warps) <= kMaxStageBytes;
+    groups[{a->dtype, stage ? 1 : 0}].push_back(a);
   }
-  for (const auto& [key, members] : groups) {
-    const int nc = std::get<0>(key);
-    const DType dtype = static_cast<DType>(std::get<1>(key));
-    const bool stage = std::get<2>(key) != 0;
-    const int smem = stage ? stage_bytes(dtype, nc, warps) : 0;
-    const KernelFn kernel = kernel_for(dtype, nc, stage);
-    const std::int64_t resident = static_cast<std::int64_t>(blocks_per_sm(kernel, warps, smem, device)) * sms;
+  for (auto& [key, members] : groups) {
+    std::stable_sort(members.begin(), members.end(),
+                     [](const MaskLayerArgs* x, const MaskLayerArgs* y) { return chunks_for(x->d_in) > chunks_for(y->d_in); });
+    const DType dtype = static_cast<DType>(key.first);
+    const bool stage = key.second != 0;
     for (std::size_t first = 0; first < members.size(); first += kMaxLayers) {
       const std::size_t last = std::min(members.size(), first + kMaxLayers);
+      const int nc = chunks_for(members[first]->d_in);  // the widest of this launch
+      const int smem = stage ? stage_bytes(dtype, nc, warps) : 0;
+      const KernelFn kernel = kernel_for(dtype, nc, stage);
+      const std::int64_t resident = static_cast<std::int64_t>(blocks_per_sm(kernel, warps, smem, device)) * sms;
       std::int64_t groups_of_rows = 0, max_vec = 1;
       for (std::size_t i = first; i < last; ++i) {
         groups_of_rows += ceil_div(members[i]->d_out, warps);
         max_vec = std::max<std::int64_t>(max_vec, members[i]->S * members[i]->T);
       }
-      // split the vectors until there are about 4 waves of blocks
+      // split the vectors until there are about 4 items per resident block
       const std::int64_t pieces = std::clamp<std::int64_t>(ceil_div(4 * resident, groups_of_rows), 1, max_vec);
       WLaunch launch{};
       launch.n_layers = static_cast<int>(last - first);
@@ -526,14 +616,17 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
         const MaskLayerArgs& a = *members[i];
         WLayer& l = launch.layers[i - first];
         fill_mask_layer(l, a);
+        l.nc = chunks_for(a.d_in);
         l.n_vec = static_cast<int>(a.S * a.T);
         l.span = static_cast<int>(ceil_div(l.n_vec, std::min<std::int64_t>(pieces, l.n_vec)));
         l.n_spans = static_cast<int>(ceil_div(l.n_vec, l.span));
         l.item_begin = static_cast<int>(items);
         items += ceil_div(a.d_out, warps) * l.n_spans;
       }
-      MEMLOC_REQUIRE(items < (1LL << 31), "memorized_mask: too many work items in one launch");
-      kernel<<<static_cast<unsigned>(items), warps * 32, smem, as_stream(stream)>>>(launch);
+      MEMLOC_REQUIRE(items < (1LL << 30), "memorized_mask: too many work items in one launch");
+      launch.n_items = static_cast<int>(items);
+      const std::int64_t grid = std::min(items, resident);  // persistent blocks
+      kernel<<<static_cast<unsigned>(grid), warps * 32, smem, as_stream(stream)>>>(launch);
       MEMLOC_CUDA_CHECK_LAUNCH();
     }
   }

@@ -97,8 +97,8 @@ struct LaneRow {
 
   template <bool kPadded>
   __device__ __forceinline__ std::uint32_t score(int e, const float* row_norms) const {
-    if (!kPadded) return __float_as_uint(__fmul_rn(wabs[e], __ldg(row_norms + col0 + e * 32)));
-    const float norm = e < n_valid ? __ldg(row_norms + col0 + e * 32) : 0.f;  // a predicated load
+    if (!kPadded) return __float_as_uint(__fmul_rn(wabs[e], fabsf(__ldg(row_norms + col0 + e * 32))));
+    const float norm = e < n_valid ? fabsf(__ldg(row_norms + col0 + e * 32)) : 0.f;  // a predicated load
     return __float_as_uint(__fmul_rn(wabs[e], norm));  // padding: |W| = 0, so the score is 0
   }
 
@@ -226,7 +226,7 @@ __device__ __forceinline__ void select_row(const LaneRow<E>& lr, const T* wrow, 
         // null norm is loaded here too, in parallel, not after the ranking.
         const std::uint32_t col = static_cast<std::uint32_t>(lr.col0 + e * 32);
         const float w = load_abs(wrow + col);
-        const std::uint32_t key = __float_as_uint(__fmul_rn(w, __ldg(row_norms + col)));
+        const std::uint32_t key = __float_as_uint(__fmul_rn(w, fabsf(__ldg(row_norms + col))));
         s_cand[slot] = (static_cast<unsigned long long>(key) << 32) | static_cast<std::uint32_t>(~col);
         s_null[slot] = __fmul_rn(w, __ldg(row_null_norms + col));
       }
