@@ -35,8 +35,9 @@ PROVIDERS = [("reference", "reference", {}), ("triton", "triton", {}), ("triton-
              ("cuda-warp", "cuda", {"MEMLOC_CUDA_MASK": "warp"}),
              ("cuda-warp2", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_WARPS": "2"}),
              ("cuda-warp8", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_WARPS": "8"}),
+             ("cuda-warp-regs", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_SELECT": "regs"}),
              ("cuda-block", "cuda", {"MEMLOC_CUDA_MASK": "block"})]
-KNOBS = ("MEMLOC_CUDA_MASK", "MEMLOC_CUDA_MASK_WARPS")
+KNOBS = ("MEMLOC_CUDA_MASK", "MEMLOC_CUDA_MASK_WARPS", "MEMLOC_CUDA_MASK_SELECT")
 
 
 def run(label, shapes, lead, heavy=False, rep=100):

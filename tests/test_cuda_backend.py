@@ -352,6 +352,28 @@ def test_memorized_masks_warp_kernel_one_launch_for_all_widths(cuda, monkeypatch
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("select", ["compact", "regs"])
+@pytest.mark.parametrize("lead", [(), (3, 2)], ids=["one-vector", "S3xT2"])
+def test_memorized_mask_warp_kernel_selections(cuda, monkeypatch, lead, select):
+    # The warp kernel's two selections after the raise (MEMLOC_CUDA_MASK_SELECT), on random rows
+    # and on rows whose top k fill whole 8-column blocks (k = 96: far more scores >= the bound than
+    # the compact list holds, so the compact selection hands those rows to the register loop).
+    monkeypatch.setenv("MEMLOC_CUDA_MASK", "warp")
+    monkeypatch.setenv("MEMLOC_CUDA_MASK_SELECT", select)
+    for d_out, d_in in [(40, 1280), (24, 5120)]:
+        weight = (torch.randn(d_out, d_in) * 0.02).half()
+        sumsq, null_sumsq = random_stats(d_in, *lead, device="cpu")
+        got = masks(weight.to(cuda), sumsq.to(cuda), null_sumsq.to(cuda), 0.01, "reference")
+        assert_words_equal(*got, f"random {d_out}x{d_in}")
+    blocks = torch.arange(240).repeat_interleave(8)  # d_in = 1920: k = 96 at s = 5 %
+    within = torch.arange(8).repeat(240)
+    weight = (2.0 ** (-blocks.float() / 4) * (1 + within.float() / 16)).expand(6, -1).half()
+    weight = weight * torch.where(torch.rand(6, 1920) < 0.5, -1.0, 1.0).half()
+    ones = torch.ones(*lead, 1920)
+    assert_words_equal(*masks(weight.to(cuda), ones.to(cuda), (ones * 0.25).to(cuda), 0.05, "reference"), "blocks")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["warp", "block"])
 @pytest.mark.parametrize("sparsity", [0.01, 0.3], ids=lambda s: f"s{s}")
 def test_memorized_mask_negative_zero_statistics(cuda, monkeypatch, kernel, sparsity):

@@ -69,6 +69,7 @@ struct WLaunch {
   WLayer layers[kMaxLayers];
   int n_layers;
   int n_items;
+  int compact;  // 1: the compact selection after the raise (default); 0: the register drop loop
   int warps;  // rows per block (blockDim.x / 32), at most kWarps
   int* stats;  // problems that took the exact path (may be null)
 };
@@ -141,6 +142,11 @@ struct RowSource {
       r.q[q] = kStage && staged ? shared[block * kQ + q] : __ldg(global + block * kQ + q);
     return r;
   }
+  // |W| of one column as float32
+  __device__ __forceinline__ float abs_at(int col) const {
+    const T* row = reinterpret_cast<const T*>(kStage && staged ? shared : global);
+    return fabsf(to_float<T>(kStage && staged ? row[col] : __ldg(row + col)));
+  }
 };
 
 // cp.async (sm_80+): 16 bytes global -> shared without registers; completion per thread.
@@ -156,6 +162,14 @@ template <typename T>
 __device__ __forceinline__ void block_scores(const Raw8<T>& w, const Norm8& n, int (&s)[8]) {
 #pragma unroll
   for (int j = 0; j < 8; ++j) s[j] = __float_as_int(__fmul_rn(abs_elem<T>(w, j), fabsf(n[j])));
+}
+
+// a[j] for a run-time j without indexing the registers (which would move `a` to local memory).
+__device__ __forceinline__ int pick8(const int (&a)[8], int j) {
+  const bool b0 = j & 1, b1 = j & 2, b2 = j & 4;
+  const int x01 = b0 ? a[1] : a[0], x23 = b0 ? a[3] : a[2], x45 = b0 ? a[5] : a[4], x67 = b0 ? a[7] : a[6];
+  const int x03 = b1 ? x23 : x01, x47 = b1 ? x67 : x45;
+  return b2 ? x47 : x03;
 }
 
 __device__ __forceinline__ int warp_count(int local) { return static_cast<int>(__reduce_add_sync(kFullMask, local)); }
@@ -239,7 +253,7 @@ struct Prefetch {
 // memory (the row is still in L2).
 template <typename T, int NC, bool kStage>
 __device__ void solve_row(const WLayer& ly, int row, int v_begin, int v_end, RowSource<T, kStage>& src, Prefetch& next,
-                          uint4* buffer, int* list, int lane, int* stats) {
+                          uint4* buffer, int* list, int* scores, bool compact, int lane, int* stats) {
   const int d_in = ly.d_in;
   const int k = ly.k;
   const int n_blocks = d_in >> 3;
@@ -368,61 +382,132 @@ __device__ void solve_row(const WLayer& ly, int row, int v_begin, int v_end, Row
         for (int q = 0; q < kSlots; ++q) m = min(m, bmx[q] >= lo ? bmx[q] : kIntMax);
         lo = __reduce_min_sync(kFullMask, m);
       }
-      // 4b. drop the smallest scores >= lo while more than k remain
-      auto count_sc = [&](int t) {
-        int c = 0;
+      // 4b-5, compact (the default): the scores >= lo (at least k; typically a few more) are
+      // listed in shared memory with their columns, at most kSlots per lane; the smallest are
+      // dropped while more than k remain, then the null comparison and one OR per column.
+      unsigned sel[kSlots];
+      int n_sel = 0;
 #pragma unroll
-        for (int q = 0; q < kSlots; ++q)
+      for (int q = 0; q < kSlots; ++q) {
+        sel[q] = 0u;
 #pragma unroll
-          for (int j = 0; j < 8; ++j) c += sc[q][j] >= t ? 1 : 0;
-        return warp_count(c);
-      };
-      int c_s = count_sc(lo);
-      bool tie = false;
-      while (c_s > k) {
-        int m = kIntMax;
-#pragma unroll
-        for (int q = 0; q < kSlots; ++q)
-#pragma unroll
-          for (int j = 0; j < 8; ++j) m = min(m, sc[q][j] >= lo ? sc[q][j] : kIntMax);
-        const int low = __reduce_min_sync(kFullMask, m);
-        int n_low = 0;
-#pragma unroll
-        for (int q = 0; q < kSlots; ++q)
-#pragma unroll
-          for (int j = 0; j < 8; ++j) n_low += sc[q][j] == low ? 1 : 0;
-        n_low = warp_count(n_low);
-        if (c_s - n_low >= k) {
-          lo = low + 1;
-          c_s -= n_low;
-        } else {
-          tie = true;  // equal scores straddle the k-th place: the exact path orders them by column
-          break;
-        }
+        for (int j = 0; j < 8; ++j) sel[q] |= (sc[q][j] >= lo ? 1u : 0u) << j;
+        n_sel += __popc(sel[q]);
       }
-      if (!tie) {
-        // 5. the k scores >= lo: null comparison, then one OR per block
+      int upto = n_sel;
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) {
+        const int t = __shfl_up_sync(kFullMask, upto, d);
+        if (lane >= d) upto += t;
+      }
+      const int c_sel = __shfl_sync(kFullMask, upto, 31);
+      if (compact && c_sel <= kCap) {
+        int pos = upto - n_sel;
 #pragma unroll
         for (int q = 0; q < kSlots; ++q) {
-          if (q * 32 < n_listed && blk[q] >= 0) {
-            const int b = blk[q];
-            std::uint32_t bits = 0u;
-#pragma unroll
-            for (int j = 0; j < 8; ++j) bits |= sc[q][j] >= lo ? (1u << j) : 0u;
-            if (bits) {
-              const Raw8<T> w = src.load(b);
-              const Norm8 z = load_norm8(zrow, b);
-#pragma unroll
-              for (int j = 0; j < 8; ++j) {
-                if (!(__int_as_float(sc[q][j]) > __fmul_rn(abs_elem<T>(w, j), fabsf(z[j])))) bits &= ~(1u << j);
-              }
-              if (bits) atomicOr(out_row + (b >> 2), bits << ((b & 3) * 8));
-            }
+          unsigned m = sel[q];
+          while (m) {
+            const int j = __ffs(m) - 1;
+            m &= m - 1u;
+            list[pos] = blk[q] * 8 + j;
+            scores[pos] = pick8(sc[q], j);
+            ++pos;
           }
         }
-        continue;
+        __syncwarp();
+        int cs[kSlots], cc[kSlots];
+#pragma unroll
+        for (int q = 0; q < kSlots; ++q) {
+          const int slot = q * 32 + lane;
+          cs[q] = slot < c_sel ? scores[slot] : -1;
+          cc[q] = slot < c_sel ? list[slot] : 0;
+        }
+        __syncwarp();  // read before the next vector rewrites them
+        int c = c_sel;
+        bool tie = false;
+        while (c > k) {
+          int m = kIntMax;
+#pragma unroll
+          for (int q = 0; q < kSlots; ++q) m = min(m, cs[q] >= lo ? cs[q] : kIntMax);
+          const int low = __reduce_min_sync(kFullMask, m);
+          int n_low = 0;
+#pragma unroll
+          for (int q = 0; q < kSlots; ++q) n_low += cs[q] == low ? 1 : 0;
+          n_low = warp_count(n_low);
+          if (c - n_low >= k) {
+            lo = low + 1;
+            c -= n_low;
+          } else {
+            tie = true;  // equal scores straddle the k-th place: the exact path orders them by column
+            break;
+          }
+        }
+        if (!tie) {
+#pragma unroll
+          for (int q = 0; q < kSlots; ++q) {
+            const int col = cc[q];
+            if (cs[q] >= lo && __int_as_float(cs[q]) > __fmul_rn(src.abs_at(col), fabsf(__ldg(zrow + col))))
+              atomicOr(out_row + (col >> 5), 1u << (col & 31));
+          }
+          continue;
+        }
+      } else {
+        // 4b. drop the smallest scores >= lo while more than k remain
+        auto count_sc = [&](int t) {
+          int c = 0;
+  #pragma unroll
+          for (int q = 0; q < kSlots; ++q)
+  #pragma unroll
+            for (int j = 0; j < 8; ++j) c += sc[q][j] >= t ? 1 : 0;
+          return warp_count(c);
+        };
+        int c_s = count_sc(lo);
+        bool tie = false;
+        while (c_s > k) {
+          int m = kIntMax;
+  #pragma unroll
+          for (int q = 0; q < kSlots; ++q)
+  #pragma unroll
+            for (int j = 0; j < 8; ++j) m = min(m, sc[q][j] >= lo ? sc[q][j] : kIntMax);
+          const int low = __reduce_min_sync(kFullMask, m);
+          int n_low = 0;
+  #pragma unroll
+          for (int q = 0; q < kSlots; ++q)
+  #pragma unroll
+            for (int j = 0; j < 8; ++j) n_low += sc[q][j] == low ? 1 : 0;
+          n_low = warp_count(n_low);
+          if (c_s - n_low >= k) {
+            lo = low + 1;
+            c_s -= n_low;
+          } else {
+            tie = true;  // equal scores straddle the k-th place: the exact path orders them by column
+            break;
+          }
+        }
+        if (!tie) {
+          // 5. the k scores >= lo: null comparison, then one OR per block
+  #pragma unroll
+          for (int q = 0; q < kSlots; ++q) {
+            if (q * 32 < n_listed && blk[q] >= 0) {
+              const int b = blk[q];
+              std::uint32_t bits = 0u;
+  #pragma unroll
+              for (int j = 0; j < 8; ++j) bits |= sc[q][j] >= lo ? (1u << j) : 0u;
+              if (bits) {
+                const Raw8<T> w = src.load(b);
+                const Norm8 z = load_norm8(zrow, b);
+  #pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                  if (!(__int_as_float(sc[q][j]) > __fmul_rn(abs_elem<T>(w, j), fabsf(z[j])))) bits &= ~(1u << j);
+                }
+                if (bits) atomicOr(out_row + (b >> 2), bits << ((b & 3) * 8));
+              }
+            }
+          }
+          continue;
+        }
       }
-    }
+      }
     if (lane == 0 && stats) atomicAdd(stats, 1);
     exact_row<T, kStage>(src, nrow, zrow, out_row, n_blocks, k, lane);
   }
@@ -446,6 +531,7 @@ template <typename T, int NC, bool kStage>
 __global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_constant__ WLaunch launch) {
   extern __shared__ uint4 s_rows[];  // kStage: each warp's weight row
   __shared__ int s_list[kWarps][kCap];
+  __shared__ int s_scores[kWarps][kCap];
   constexpr int kQ = sizeof(T) / 2;
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int warp = static_cast<int>(threadIdx.x) >> 5;
@@ -453,6 +539,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_
   const int block = static_cast<int>(blockIdx.x);
   uint4* buffer = s_rows + static_cast<std::size_t>(warp) * NC * 32 * kQ;
   int* list = s_list[warp];
+  int* scores = s_scores[warp];
+  const bool compact = launch.compact != 0;
   auto item_at = [&](int pass) { return pass * grid + ((pass & 1) ? grid - 1 - block : block); };
   // The row of `item` for this warp as a prefetch (none past the end or past the layer's rows).
   auto prefetch_of = [&](int item, int li) {
@@ -492,10 +580,10 @@ __global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_
     const int v_begin = ((item - ly.item_begin) % ly.n_spans) * ly.span;
     const int v_end = min(v_begin + ly.span, ly.n_vec);
     switch (ly.nc) {
-      case 5: solve_row<T, 5, kStage>(ly, row, v_begin, v_end, src, next, buffer, list, lane, launch.stats); break;
-      case 10: if constexpr (NC >= 10) solve_row<T, 10, kStage>(ly, row, v_begin, v_end, src, next, buffer, list, lane, launch.stats); break;
-      case 20: if constexpr (NC >= 20) solve_row<T, 20, kStage>(ly, row, v_begin, v_end, src, next, buffer, list, lane, launch.stats); break;
-      default: if constexpr (NC >= 32) solve_row<T, 32, kStage>(ly, row, v_begin, v_end, src, next, buffer, list, lane, launch.stats); break;
+      case 5: solve_row<T, 5, kStage>(ly, row, v_begin, v_end, src, next, buffer, list, scores, compact, lane, launch.stats); break;
+      case 10: if constexpr (NC >= 10) solve_row<T, 10, kStage>(ly, row, v_begin, v_end, src, next, buffer, list, scores, compact, lane, launch.stats); break;
+      case 20: if constexpr (NC >= 20) solve_row<T, 20, kStage>(ly, row, v_begin, v_end, src, next, buffer, list, scores, compact, lane, launch.stats); break;
+      default: if constexpr (NC >= 32) solve_row<T, 32, kStage>(ly, row, v_begin, v_end, src, next, buffer, list, scores, compact, lane, launch.stats); break;
     }
     next.issue(buffer, lane);  // not issued yet if the span was empty
   }
@@ -567,6 +655,13 @@ int blocks_per_sm(KernelFn kernel, int warps, int smem, int device) {
 
 bool aligned16(std::uintptr_t p) { return p % 16 == 0; }
 
+// The selection after the raise: compact (default) or, with MEMLOC_CUDA_MASK_SELECT=regs, the
+// register drop loop (a benchmark knob, read per call; both give the same masks).
+int compact_selection() {
+  const char* env = std::getenv("MEMLOC_CUDA_MASK_SELECT");
+  return env != nullptr && std::strcmp(env, "regs") == 0 ? 0 : 1;
+}
+
 }  // namespace
 
 bool memorized_mask_warp_eligible(const MaskLayerArgs& a) {
@@ -610,6 +705,7 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
       WLaunch launch{};
       launch.n_layers = static_cast<int>(last - first);
       launch.warps = warps;
+      launch.compact = compact_selection();
       launch.stats = reinterpret_cast<int*>(stats);
       std::int64_t items = 0;
       for (std::size_t i = first; i < last; ++i) {
