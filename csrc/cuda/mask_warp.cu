@@ -455,9 +455,9 @@ __device__ void solve_row(const WLayer& ly, int row, int v_begin, int v_end, Row
         // 4b. drop the smallest scores >= lo while more than k remain
         auto count_sc = [&](int t) {
           int c = 0;
-  #pragma unroll
+#pragma unroll
           for (int q = 0; q < kSlots; ++q)
-  #pragma unroll
+#pragma unroll
             for (int j = 0; j < 8; ++j) c += sc[q][j] >= t ? 1 : 0;
           return warp_count(c);
         };
@@ -465,15 +465,15 @@ __device__ void solve_row(const WLayer& ly, int row, int v_begin, int v_end, Row
         bool tie = false;
         while (c_s > k) {
           int m = kIntMax;
-  #pragma unroll
+#pragma unroll
           for (int q = 0; q < kSlots; ++q)
-  #pragma unroll
+#pragma unroll
             for (int j = 0; j < 8; ++j) m = min(m, sc[q][j] >= lo ? sc[q][j] : kIntMax);
           const int low = __reduce_min_sync(kFullMask, m);
           int n_low = 0;
-  #pragma unroll
+#pragma unroll
           for (int q = 0; q < kSlots; ++q)
-  #pragma unroll
+#pragma unroll
             for (int j = 0; j < 8; ++j) n_low += sc[q][j] == low ? 1 : 0;
           n_low = warp_count(n_low);
           if (c_s - n_low >= k) {
@@ -486,17 +486,17 @@ __device__ void solve_row(const WLayer& ly, int row, int v_begin, int v_end, Row
         }
         if (!tie) {
           // 5. the k scores >= lo: null comparison, then one OR per block
-  #pragma unroll
+#pragma unroll
           for (int q = 0; q < kSlots; ++q) {
             if (q * 32 < n_listed && blk[q] >= 0) {
               const int b = blk[q];
               std::uint32_t bits = 0u;
-  #pragma unroll
+#pragma unroll
               for (int j = 0; j < 8; ++j) bits |= sc[q][j] >= lo ? (1u << j) : 0u;
               if (bits) {
                 const Raw8<T> w = src.load(b);
                 const Norm8 z = load_norm8(zrow, b);
-  #pragma unroll
+#pragma unroll
                 for (int j = 0; j < 8; ++j) {
                   if (!(__int_as_float(sc[q][j]) > __fmul_rn(abs_elem<T>(w, j), fabsf(z[j])))) bits &= ~(1u << j);
                 }
@@ -507,7 +507,7 @@ __device__ void solve_row(const WLayer& ly, int row, int v_begin, int v_end, Row
           continue;
         }
       }
-      }
+    }
     if (lane == 0 && stats) atomicAdd(stats, 1);
     exact_row<T, kStage>(src, nrow, zrow, out_row, n_blocks, k, lane);
   }
