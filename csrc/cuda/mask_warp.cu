@@ -655,6 +655,14 @@ int blocks_per_sm(KernelFn kernel, int warps, int smem, int device) {
 
 bool aligned16(std::uintptr_t p) { return p % 16 == 0; }
 
+// At least this many bytes of dynamic shared memory per block (MEMLOC_CUDA_MASK_SMEM_MIN, a
+// benchmark knob read per call: more shared memory, fewer resident blocks, to measure how the
+// kernel's speed depends on occupancy). 0 when unset.
+int smem_floor() {
+  const char* env = std::getenv("MEMLOC_CUDA_MASK_SMEM_MIN");
+  return env != nullptr ? std::clamp(std::atoi(env), 0, 200 * 1024) : 0;
+}
+
 // The selection after the raise: compact (default) or, with MEMLOC_CUDA_MASK_SELECT=regs, the
 // register drop loop (a benchmark knob, read per call; both give the same masks).
 int compact_selection() {
@@ -692,7 +700,7 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
     for (std::size_t first = 0; first < members.size(); first += kMaxLayers) {
       const std::size_t last = std::min(members.size(), first + kMaxLayers);
       const int nc = chunks_for(members[first]->d_in);  // the widest of this launch
-      const int smem = stage ? stage_bytes(dtype, nc, warps) : 0;
+      const int smem = std::max(stage ? stage_bytes(dtype, nc, warps) : 0, smem_floor());
       const KernelFn kernel = kernel_for(dtype, nc, stage);
       const std::int64_t resident = static_cast<std::int64_t>(blocks_per_sm(kernel, warps, smem, device)) * sms;
       std::int64_t groups_of_rows = 0, max_vec = 1;
