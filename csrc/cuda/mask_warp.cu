@@ -35,7 +35,6 @@
 #include <map>
 #include <mutex>
 #include <tuple>
-#include <type_traits>
 
 #include "common.cuh"
 #include "mask_warp.h"
@@ -71,7 +70,6 @@ struct WLaunch {
   int n_layers;
   int n_items;
   int compact;  // 1: the compact selection after the raise (default); 0: the register drop loop
-  int half_pass;  // 1: f16 weights take the f16 pass 1 (with compact selection)
   int warps;  // rows per block (blockDim.x / 32), at most kWarps
   int* stats;  // problems that took the exact path (may be null)
 };
@@ -166,50 +164,6 @@ __device__ __forceinline__ void block_scores(const Raw8<T>& w, const Norm8& n, i
   for (int j = 0; j < 8; ++j) s[j] = __float_as_int(__fmul_rn(abs_elem<T>(w, j), fabsf(n[j])));
 }
 
-// --- the f16 pass 1 (kHalf, f16 weights): block maxima of approximate scores ---------------------
-// a' = RN16(|w| * RN16(n)) by HMUL2 (|w| exact in f16). For every element, with u = 2^-11:
-// a' >= a (1 - u)^2 - (|w| + 1) 2^-25 (normal, subnormal and overflowing results alike) and
-// a' <= a (1 + u)^2 + (|w| + 1) 2^-25, where a = |w| n exactly; the float32 score is RN32(a). With
-// |w| <= 65504 the absolute slack is below 2^-9, so a block whose approximate maximum is below L
-// holds only scores below (L + 2^-9)(1 + 2^-9) (half_score_ub), and one whose approximate maximum
-// is at least t has an exact maximum of at least (t - 2^-9)(1 - 2^-9). The selection lists every
-// block within kHalfMargin f16 steps of its bound, gathers exact scores, selects exactly, and
-// accepts the result only if the bound on the unlisted scores lies below the k-th selected score;
-// anything else (NaN, inf, tiny rows) goes to the exact path.
-constexpr int kHalfMargin = 8;          // f16 steps: more than the approximations' error (~4)
-constexpr float kHalfSlack = 0x1p-9f;   // >= 65505 * 2^-25
-
-__device__ __forceinline__ __half2 as_half2(std::uint32_t u) {
-  __half2 h;
-  std::memcpy(&h, &u, sizeof(h));
-  return h;
-}
-
-__device__ __forceinline__ float half_value(int bits) {
-  return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
-}
-
-__device__ __forceinline__ float half_score_ub(int bits) {
-  return __fmul_ru(__fadd_ru(half_value(bits), kHalfSlack), 1.f + 0x1p-9f);
-}
-
-// The f16 bits of max_j RN16(|w_j| * RN16(n_j)) over a block (sign cleared: -0.0 products are 0;
-// NaN propagates and orders above inf, as in the exact pass).
-template <typename T>
-__device__ __forceinline__ int half_block_max(const Raw8<T>& w, const Norm8& n) {
-  static_assert(std::is_same_v<T, __half>, "the f16 pass takes f16 weights");
-  const uint4& q = w.q[0];
-  const __half2 p0 = __hmul2(__habs2(as_half2(q.x)), __floats2half2_rn(n.a.x, n.a.y));
-  const __half2 p1 = __hmul2(__habs2(as_half2(q.y)), __floats2half2_rn(n.a.z, n.a.w));
-  const __half2 p2 = __hmul2(__habs2(as_half2(q.z)), __floats2half2_rn(n.b.x, n.b.y));
-  const __half2 p3 = __hmul2(__habs2(as_half2(q.w)), __floats2half2_rn(n.b.z, n.b.w));
-  const __half2 m = __hmax2_nan(__hmax2_nan(p0, p1), __hmax2_nan(p2, p3));
-  std::uint32_t u;
-  std::memcpy(&u, &m, sizeof(u));
-  u &= 0x7fff7fffu;
-  return max(static_cast<int>(u & 0xffffu), static_cast<int>(u >> 16));
-}
-
 // a[j] for a run-time j without indexing the registers (which would move `a` to local memory).
 __device__ __forceinline__ int pick8(const int (&a)[8], int j) {
   const bool b0 = j & 1, b1 = j & 2, b2 = j & 4;
@@ -297,7 +251,7 @@ struct Prefetch {
 // Eq. 5-7 for one (row, vector range): the steps in the header comment. `src` reads the staged
 // copy until the next row's prefetch is issued (after pass 1 of the last vector), then global
 // memory (the row is still in L2).
-template <typename T, int NC, bool kStage, bool kHalf>
+template <typename T, int NC, bool kStage>
 __device__ void solve_row(const WLayer& ly, int row, int v_begin, int v_end, RowSource<T, kStage>& src, Prefetch& next,
                           uint4* buffer, int* list, int* scores, bool compact, int lane, int* stats) {
   const int d_in = ly.d_in;
@@ -311,21 +265,15 @@ __device__ void solve_row(const WLayer& ly, int row, int v_begin, int v_end, Row
 
     // 1. block maxima (loads clamped to a real block, so the pass is branch-free)
     int bm[NC];
-    int exact_lo = 0;  // kHalf: a float32 lower bound on the k-th largest listed block maximum
 #pragma unroll
     for (int i = 0; i < NC; ++i) {
       const int b = i * 32 + lane;
       const int bc = min(b, n_blocks - 1);
-      int m;
-      if constexpr (kHalf) {
-        m = half_block_max(src.load(bc), load_norm8(nrow, bc));
-      } else {
-        int s[8];
-        block_scores<T>(src.load(bc), load_norm8(nrow, bc), s);
-        m = s[0];
+      int s[8];
+      block_scores<T>(src.load(bc), load_norm8(nrow, bc), s);
+      int m = s[0];
 #pragma unroll
-        for (int j = 1; j < 8; ++j) m = max(m, s[j]);
-      }
+      for (int j = 1; j < 8; ++j) m = max(m, s[j]);
       bm[i] = b < n_blocks ? m : -1;
     }
     auto count_bm = [&](int t) {
@@ -344,7 +292,7 @@ __device__ void solve_row(const WLayer& ly, int row, int v_begin, int v_end, Row
       next.issue(buffer, lane);
       src.staged = false;
     }
-    int lo = max(top - (kHalf ? 8 << 10 : 8 << 23), 0);
+    int lo = max(top - (8 << 23), 0);
     long long hi = static_cast<long long>(top) + 1;  // count(>= hi) == 0 < k (NaN bits are INT_MAX)
     int c_lo = count_bm(lo);
     if (c_lo < k) {
@@ -364,20 +312,6 @@ __device__ void solve_row(const WLayer& ly, int row, int v_begin, int v_end, Row
       }
     }
     fast = fast && c_lo <= kCap;
-    float unlisted_ub = 0.f;  // kHalf: every score of an unlisted block is below this
-    if (kHalf && fast) {
-      // List down to `margin` f16 steps below lo (the approximations' error), and derive the
-      // float32 bounds: lo and hi for the exact steps, the bound on the unlisted scores.
-      const int listed_from = max(lo - kHalfMargin, 0);
-      c_lo = count_bm(listed_from);
-      fast = c_lo <= kCap;
-      unlisted_ub = half_score_ub(listed_from);
-      const float lo_exact = __fmul_rd(fmaxf(__fsub_rd(half_value(lo), kHalfSlack), 0.f), 1.f - 0x1p-9f);
-      const float hi_exact = half_score_ub(top);
-      hi = hi_exact < __int_as_float(0x7f800000) ? static_cast<long long>(__float_as_int(hi_exact)) + 1 : 0x80000000LL;
-      lo = listed_from;  // the listing below uses lo; the exact lo is set after the gather
-      exact_lo = __float_as_int(lo_exact);
-    }
 
     if (fast) {
       // 3. list the blocks reaching lo (lane-major), gather their scores
@@ -424,22 +358,14 @@ __device__ void solve_row(const WLayer& ly, int row, int v_begin, int v_end, Row
         }
       }
       __syncwarp();  // the list is read before the next vector rewrites it
+
+      // 4a. lo = the k-th largest listed block maximum
       auto count_bmx = [&](int t) {
         int c = 0;
 #pragma unroll
         for (int q = 0; q < kSlots; ++q) c += bmx[q] >= t ? 1 : 0;
         return warp_count(c);
       };
-      if constexpr (kHalf) {
-        lo = exact_lo;
-        c_lo = count_bmx(lo);
-        if (c_lo < k) {  // cannot happen by the error bounds; decided exactly all the same
-          lo = 0;
-          c_lo = count_bmx(0);
-        }
-      }
-
-      // 4a. lo = the k-th largest listed block maximum
       while (c_lo > k && hi - lo > 1) {
         const int mid = static_cast<int>(lo + (hi - lo) / 2);
         const int c = count_bmx(mid);
@@ -516,8 +442,6 @@ __device__ void solve_row(const WLayer& ly, int row, int v_begin, int v_end, Row
             break;
           }
         }
-        // kHalf: every unlisted score must lie below the k selected (else the exact path decides)
-        if (kHalf && __float_as_int(unlisted_ub) > lo) tie = true;
         if (!tie) {
 #pragma unroll
           for (int q = 0; q < kSlots; ++q) {
@@ -527,7 +451,7 @@ __device__ void solve_row(const WLayer& ly, int row, int v_begin, int v_end, Row
           }
           continue;
         }
-      } else if (!kHalf) {  // (kHalf: the exact path)
+      } else {
         // 4b. drop the smallest scores >= lo while more than k remain
         auto count_sc = [&](int t) {
           int c = 0;
@@ -617,7 +541,6 @@ __global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_
   int* list = s_list[warp];
   int* scores = s_scores[warp];
   const bool compact = launch.compact != 0;
-  const bool half_pass = compact && launch.half_pass != 0;
   auto item_at = [&](int pass) { return pass * grid + ((pass & 1) ? grid - 1 - block : block); };
   // The row of `item` for this warp as a prefetch (none past the end or past the layer's rows).
   auto prefetch_of = [&](int item, int li) {
@@ -656,23 +579,11 @@ __global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_
     src.staged = true;
     const int v_begin = ((item - ly.item_begin) % ly.n_spans) * ly.span;
     const int v_end = min(v_begin + ly.span, ly.n_vec);
-    auto solve = [&](auto nc) {
-      constexpr int kNC = decltype(nc)::value;
-      if constexpr (std::is_same_v<T, __half>) {
-        if (half_pass) {
-          solve_row<T, kNC, kStage, true>(ly, row, v_begin, v_end, src, next, buffer, list, scores, true, lane,
-                                          launch.stats);
-          return;
-        }
-      }
-      solve_row<T, kNC, kStage, false>(ly, row, v_begin, v_end, src, next, buffer, list, scores, compact, lane,
-                                       launch.stats);
-    };
     switch (ly.nc) {
-      case 5: solve(std::integral_constant<int, 5>{}); break;
-      case 10: if constexpr (NC >= 10) solve(std::integral_constant<int, 10>{}); break;
-      case 20: if constexpr (NC >= 20) solve(std::integral_constant<int, 20>{}); break;
-      default: if constexpr (NC >= 32) solve(std::integral_constant<int, 32>{}); break;
+      case 5: solve_row<T, 5, kStage>(ly, row, v_begin, v_end, src, next, buffer, list, scores, compact, lane, launch.stats); break;
+      case 10: if constexpr (NC >= 10) solve_row<T, 10, kStage>(ly, row, v_begin, v_end, src, next, buffer, list, scores, compact, lane, launch.stats); break;
+      case 20: if constexpr (NC >= 20) solve_row<T, 20, kStage>(ly, row, v_begin, v_end, src, next, buffer, list, scores, compact, lane, launch.stats); break;
+      default: if constexpr (NC >= 32) solve_row<T, 32, kStage>(ly, row, v_begin, v_end, src, next, buffer, list, scores, compact, lane, launch.stats); break;
     }
     next.issue(buffer, lane);  // not issued yet if the span was empty
   }
@@ -752,13 +663,6 @@ int smem_floor() {
   return env != nullptr ? std::clamp(std::atoi(env), 0, 200 * 1024) : 0;
 }
 
-// Pass 1 of f16 weights: exact float32 scores, or with MEMLOC_CUDA_MASK_PASS1=f16 the f16 pass
-// (approximate block maxima, an exact selection among the listed blocks, verified). Read per call.
-int half_pass1() {
-  const char* env = std::getenv("MEMLOC_CUDA_MASK_PASS1");
-  return env != nullptr && std::strcmp(env, "f16") == 0 ? 1 : 0;
-}
-
 // The selection after the raise: compact (default) or, with MEMLOC_CUDA_MASK_SELECT=regs, the
 // register drop loop (a benchmark knob, read per call; both give the same masks).
 int compact_selection() {
@@ -810,7 +714,6 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
       launch.n_layers = static_cast<int>(last - first);
       launch.warps = warps;
       launch.compact = compact_selection();
-      launch.half_pass = half_pass1();
       launch.stats = reinterpret_cast<int*>(stats);
       std::int64_t items = 0;
       for (std::size_t i = first; i < last; ++i) {
