@@ -142,6 +142,14 @@ struct RowSource {
       r.q[q] = kStage && staged ? shared[block * kQ + q] : __ldg(global + block * kQ + q);
     return r;
   }
+  // Pass 1 runs before the next row's prefetch: the staged copy, decided at compile time.
+  __device__ __forceinline__ Raw8<T> load_pass1(int block) const {
+    constexpr int kQ = sizeof(T) / 2;
+    Raw8<T> r;
+#pragma unroll
+    for (int q = 0; q < kQ; ++q) r.q[q] = kStage ? shared[block * kQ + q] : __ldg(global + block * kQ + q);
+    return r;
+  }
   // |W| of one column as float32
   __device__ __forceinline__ float abs_at(int col) const {
     const T* row = reinterpret_cast<const T*>(kStage && staged ? shared : global);
@@ -270,7 +278,7 @@ __device__ void solve_row(const WLayer& ly, int row, int v_begin, int v_end, Row
       const int b = i * 32 + lane;
       const int bc = min(b, n_blocks - 1);
       int s[8];
-      block_scores<T>(src.load(bc), load_norm8(nrow, bc), s);
+      block_scores<T>(src.load_pass1(bc), load_norm8(nrow, bc), s);
       int m = s[0];
 #pragma unroll
       for (int j = 1; j < 8; ++j) m = max(m, s[j]);
@@ -663,6 +671,14 @@ int smem_floor() {
   return env != nullptr ? std::clamp(std::atoi(env), 0, 200 * 1024) : 0;
 }
 
+// Benchmark knobs (read per call; the masks do not depend on them): MEMLOC_CUDA_MASK_LAUNCH=
+// per-width gives each chunk class its own launch; MEMLOC_CUDA_MASK_GRID=items launches one block
+// per work item instead of persistent blocks.
+bool env_is(const char* name, const char* value) {
+  const char* env = std::getenv(name);
+  return env != nullptr && std::strcmp(env, value) == 0;
+}
+
 // The selection after the raise: compact (default) or, with MEMLOC_CUDA_MASK_SELECT=regs, the
 // register drop loop (a benchmark knob, read per call; both give the same masks).
 int compact_selection() {
@@ -687,16 +703,19 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
   const int sms = sm_count(device);
   const int warps = block_warps();
   // One launch per (dtype, staging), whatever the widths; in each, the widest rows first.
-  std::map<std::pair<int, int>, std::vector<const MaskLayerArgs*>> groups;
+  const bool per_width = env_is("MEMLOC_CUDA_MASK_LAUNCH", "per-width");
+  const bool persistent = !env_is("MEMLOC_CUDA_MASK_GRID", "items");
+  std::map<std::tuple<int, int, int>, std::vector<const MaskLayerArgs*>, std::greater<>> groups;
   for (const MaskLayerArgs* a : layers) {
-    const bool stage = stage_bytes(static_cast<DType>(a->dtype), chunks_for(a->d_in), warps) <= kMaxStageBytes;
-    groups[{a->dtype, stage ? 1 : 0}].push_back(a);
+    const int nc = chunks_for(a->d_in);
+    const bool stage = stage_bytes(static_cast<DType>(a->dtype), nc, warps) <= kMaxStageBytes;
+    groups[{per_width ? nc : 0, a->dtype, stage ? 1 : 0}].push_back(a);
   }
   for (auto& [key, members] : groups) {
     std::stable_sort(members.begin(), members.end(),
                      [](const MaskLayerArgs* x, const MaskLayerArgs* y) { return chunks_for(x->d_in) > chunks_for(y->d_in); });
-    const DType dtype = static_cast<DType>(key.first);
-    const bool stage = key.second != 0;
+    const DType dtype = static_cast<DType>(std::get<1>(key));
+    const bool stage = std::get<2>(key) != 0;
     for (std::size_t first = 0; first < members.size(); first += kMaxLayers) {
       const std::size_t last = std::min(members.size(), first + kMaxLayers);
       const int nc = chunks_for(members[first]->d_in);  // the widest of this launch
@@ -729,7 +748,7 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
       }
       MEMLOC_REQUIRE(items < (1LL << 30), "memorized_mask: too many work items in one launch");
       launch.n_items = static_cast<int>(items);
-      const std::int64_t grid = std::min(items, resident);  // persistent blocks
+      const std::int64_t grid = persistent ? std::min(items, resident) : items;
       kernel<<<static_cast<unsigned>(grid), warps * 32, smem, as_stream(stream)>>>(launch);
       MEMLOC_CUDA_CHECK_LAUNCH();
     }
