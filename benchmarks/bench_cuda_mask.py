@@ -36,7 +36,7 @@ PROVIDERS = [("reference", "reference", {}), ("triton", "triton", {}), ("triton-
              ("cuda-warp2", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_WARPS": "2"}),
              ("cuda-warp8", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_WARPS": "8"}),
              ("cuda-warp-perwidth", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_LAUNCH": "per-width"}),
-             ("cuda-warp-items", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_GRID": "items"}),
+             ("cuda-warp-persistent", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_GRID": "persistent"}),
              ("cuda-warp-regs", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_SELECT": "regs"}),
              # fewer resident blocks (4 warps each) through more shared memory: 3 and 2 per SM
              ("cuda-warp-occ12", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_SMEM_MIN": str(60 * 1024)}),

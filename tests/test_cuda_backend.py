@@ -339,20 +339,20 @@ def test_memorized_masks_sd15_16_layers(cuda, oracle):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("layout", ["default", "per-width", "items"])
+@pytest.mark.parametrize("layout", ["default", "per-width", "persistent"])
 @pytest.mark.parametrize("warps", ["1", "4", "8"])
 @pytest.mark.parametrize("lead", [(), (2,)], ids=["one-vector", "S2"])
 def test_memorized_masks_warp_kernel_one_launch_for_all_widths(cuda, monkeypatch, lead, warps, layout):
     # Every chunk class in one launch (widest first), row counts that are not multiples of the rows
-    # per block, and more work items than resident blocks: each persistent block solves several
-    # items, prefetching its next row while it selects in the current one. The benchmark knobs:
-    # a launch per chunk class, one block per item.
+    # per block, and more work items than resident blocks. The benchmark knobs: a launch per chunk
+    # class; persistent blocks, each solving several items and prefetching its next row while it
+    # selects in the current one.
     monkeypatch.setenv("MEMLOC_CUDA_MASK", "warp")
     monkeypatch.setenv("MEMLOC_CUDA_MASK_WARPS", warps)
     if layout == "per-width":
         monkeypatch.setenv("MEMLOC_CUDA_MASK_LAUNCH", "per-width")
-    elif layout == "items":
-        monkeypatch.setenv("MEMLOC_CUDA_MASK_GRID", "items")
+    elif layout == "persistent":
+        monkeypatch.setenv("MEMLOC_CUDA_MASK_GRID", "persistent")
     shapes = [(1283, 1280), (7, 5128), (645, 2560), (1301, 5120), (3, 8192), (9, 8), (1, 2568)]
     _check_layers(*_layers(shapes, cuda, lead=lead), 0.01, "reference")
 

@@ -24,11 +24,12 @@
 // comparisons are on int32; padding is -1. Scores use |norm|, so that a -0.0 statistic (its root is
 // -0.0) scores +0.0 and ties with the other zeros, as in the reference.
 //
-// One launch per (dtype, staging) takes every width: layers widest first, persistent blocks (as
-// many as are resident) walk the work items in a snake order, and each layer runs the code compiled
-// for its chunk count. Staged launches keep each warp's weight row in shared memory: the next
-// item's row is copied there with cp.async as soon as pass 1 of the current row's last vector has
-// read it, so HBM streams while the selection runs (the rest of that vector reads W from L2).
+// One launch per (dtype, staging) takes every width: layers widest first, one block per work item
+// (4 rows x a span of vectors), and each layer runs the code compiled for its chunk count. Each
+// warp copies its weight row to shared memory with cp.async. With MEMLOC_CUDA_MASK_GRID=persistent
+// (measured slower) blocks are as many as are resident and walk the items in a snake order, the
+// next item's row copied in as soon as pass 1 of the current row's last vector has read it, so HBM
+// streams while the selection runs (the rest of that vector reads W from L2).
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -531,8 +532,9 @@ __device__ __forceinline__ int row_of(const WLaunch& launch, const WLayer& ly, i
   return ((item - ly.item_begin) / ly.n_spans) * launch.warps + warp;
 }
 
-// Persistent blocks: block b takes items b, 2G - 1 - b, 2G + b, ... (G blocks; a snake order, so
-// that the per-block sums of the descending item sizes even out). Warp w of a block solves row w
+// Block b takes items b, 2G - 1 - b, 2G + b, ... (G blocks: one item each by default; persistent
+// launches walk several, in a snake order so that the per-block sums of the descending item sizes
+// even out). Warp w of a block solves row w
 // of the item's group of rows, for the item's span of vectors. Layers come widest first; NC is the
 // widest layer's chunk count and each layer runs the code compiled for its own.
 template <typename T, int NC, bool kStage>
@@ -672,8 +674,10 @@ int smem_floor() {
 }
 
 // Benchmark knobs (read per call; the masks do not depend on them): MEMLOC_CUDA_MASK_LAUNCH=
-// per-width gives each chunk class its own launch; MEMLOC_CUDA_MASK_GRID=items launches one block
-// per work item instead of persistent blocks.
+// per-width gives each chunk class its own launch; MEMLOC_CUDA_MASK_GRID=persistent launches as many
+// blocks as are resident, each walking several work items (prefetching its next row), instead of
+// one block per work item (the default: 83.9 vs 102.3 us single, 40.2 vs 43.0 us batched on an
+// H100, BENCHMARKS.md sixth session).
 bool env_is(const char* name, const char* value) {
   const char* env = std::getenv(name);
   return env != nullptr && std::strcmp(env, value) == 0;
@@ -704,7 +708,7 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
   const int warps = block_warps();
   // One launch per (dtype, staging), whatever the widths; in each, the widest rows first.
   const bool per_width = env_is("MEMLOC_CUDA_MASK_LAUNCH", "per-width");
-  const bool persistent = !env_is("MEMLOC_CUDA_MASK_GRID", "items");
+  const bool persistent = env_is("MEMLOC_CUDA_MASK_GRID", "persistent");
   std::map<std::tuple<int, int, int>, std::vector<const MaskLayerArgs*>, std::greater<>> groups;
   for (const MaskLayerArgs* a : layers) {
     const int nc = chunks_for(a->d_in);
