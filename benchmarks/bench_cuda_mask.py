@@ -35,15 +35,8 @@ PROVIDERS = [("reference", "reference", {}), ("triton", "triton", {}), ("triton-
              ("cuda-warp", "cuda", {"MEMLOC_CUDA_MASK": "warp"}),
              ("cuda-warp2", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_WARPS": "2"}),
              ("cuda-warp8", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_WARPS": "8"}),
-             ("cuda-warp-perwidth", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_LAUNCH": "per-width"}),
-             ("cuda-warp-persistent", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_GRID": "persistent"}),
-             ("cuda-warp-regs", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_SELECT": "regs"}),
-             # fewer resident blocks (4 warps each) through more shared memory: 3 and 2 per SM
-             ("cuda-warp-occ12", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_SMEM_MIN": str(60 * 1024)}),
-             ("cuda-warp-occ8", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_SMEM_MIN": str(100 * 1024)}),
              ("cuda-block", "cuda", {"MEMLOC_CUDA_MASK": "block"})]
-KNOBS = ("MEMLOC_CUDA_MASK", "MEMLOC_CUDA_MASK_WARPS", "MEMLOC_CUDA_MASK_SELECT", "MEMLOC_CUDA_MASK_SMEM_MIN",
-         "MEMLOC_CUDA_MASK_LAUNCH", "MEMLOC_CUDA_MASK_GRID")
+KNOBS = ("MEMLOC_CUDA_MASK", "MEMLOC_CUDA_MASK_WARPS")
 
 
 def run(label, shapes, lead, heavy=False, rep=100):

@@ -26,10 +26,9 @@ pytestmark = [
 # spills a dozen per-row constants there (at most 112 bytes stored, reloaded from L1, mostly in
 # the exact-fallback path). Allow that much, not a habit: (spill store bytes, spill load bytes).
 # The warp kernel (mask_warp.cu) keeps each row's block maxima and gathered scores under a
-# 128-register cap (two 256-thread blocks per SM); ptxas spills the persistent loop's state and
-# per-row pointers (at most 140 bytes stored, 376 loaded: 32 chunks, staged), stored and
-# reloaded once per item or vector, never inside a pass.
-SPILL_ALLOWANCE = {"memorized_mask_kernel": (128, 384), "mask_warp_kernel": (144, 384)}
+# 128-register cap (two 256-thread blocks per SM); ptxas spills a few per-row constants and
+# pointers (at most 80 bytes stored, 152 loaded, for f32 weights with 32 chunks).
+SPILL_ALLOWANCE = {"memorized_mask_kernel": (128, 384), "mask_warp_kernel": (96, 160)}
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)'")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")

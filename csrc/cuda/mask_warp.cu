@@ -21,15 +21,8 @@
 // column-ordered scan) and is counted in `stats` when given.
 //
 // Non-negative floats (and NaN, above +inf, as in torch.topk) order like their int32 bits, so all
-// comparisons are on int32; padding is -1. Scores use |norm|, so that a -0.0 statistic (its root is
-// -0.0) scores +0.0 and ties with the other zeros, as in the reference.
-//
-// One launch per (dtype, staging) takes every width: layers widest first, one block per work item
-// (4 rows x a span of vectors), and each layer runs the code compiled for its chunk count. Each
-// warp copies its weight row to shared memory with cp.async. With MEMLOC_CUDA_MASK_GRID=persistent
-// (measured slower) blocks are as many as are resident and walk the items in a snake order, the
-// next item's row copied in as soon as pass 1 of the current row's last vector has read it, so HBM
-// streams while the selection runs (the rest of that vector reads W from L2).
+// comparisons are on int32; padding is -1. Batched launches (several vectors per warp) first copy
+// each warp's weight row to shared memory (kStage), so that W is read from HBM once per item.
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -59,7 +52,6 @@ struct WLayer {
   const float* null_norms;
   std::uint32_t* out;
   int d_out, d_in, k, T;
-  int nc;          // chunks of 256 columns (5, 10, 20 or 32): the compiled selection it runs
   int n_vec;       // S * T norm vectors
   int span;        // vectors per work item
   int n_spans;     // work items per group of `warps` rows
@@ -69,8 +61,6 @@ struct WLayer {
 struct WLaunch {
   WLayer layers[kMaxLayers];
   int n_layers;
-  int n_items;
-  int compact;  // 1: the compact selection after the raise (default); 0: the register drop loop
   int warps;  // rows per block (blockDim.x / 32), at most kWarps
   int* stats;  // problems that took the exact path (may be null)
 };
@@ -134,51 +124,20 @@ template <typename T, bool kStage>
 struct RowSource {
   const uint4* global;  // the row as 16-byte words
   const uint4* shared;  // kStage: this warp's copy
-  bool staged;          // kStage: the copy still holds this row (no prefetch of the next one yet)
   __device__ __forceinline__ Raw8<T> load(int block) const {
-    constexpr int kQ = sizeof(T) / 2;
-    Raw8<T> r;
-#pragma unroll
-    for (int q = 0; q < kQ; ++q)
-      r.q[q] = kStage && staged ? shared[block * kQ + q] : __ldg(global + block * kQ + q);
-    return r;
-  }
-  // Pass 1 runs before the next row's prefetch: the staged copy, decided at compile time.
-  __device__ __forceinline__ Raw8<T> load_pass1(int block) const {
     constexpr int kQ = sizeof(T) / 2;
     Raw8<T> r;
 #pragma unroll
     for (int q = 0; q < kQ; ++q) r.q[q] = kStage ? shared[block * kQ + q] : __ldg(global + block * kQ + q);
     return r;
   }
-  // |W| of one column as float32
-  __device__ __forceinline__ float abs_at(int col) const {
-    const T* row = reinterpret_cast<const T*>(kStage && staged ? shared : global);
-    return fabsf(to_float<T>(kStage && staged ? row[col] : __ldg(row + col)));
-  }
 };
-
-// cp.async (sm_80+): 16 bytes global -> shared without registers; completion per thread.
-__device__ __forceinline__ void cp_async16(uint4* dst, const uint4* src) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
 // Score bits of the 8 columns of a block (the reference's float32 product).
 template <typename T>
 __device__ __forceinline__ void block_scores(const Raw8<T>& w, const Norm8& n, int (&s)[8]) {
 #pragma unroll
-  for (int j = 0; j < 8; ++j) s[j] = __float_as_int(__fmul_rn(abs_elem<T>(w, j), fabsf(n[j])));
-}
-
-// a[j] for a run-time j without indexing the registers (which would move `a` to local memory).
-__device__ __forceinline__ int pick8(const int (&a)[8], int j) {
-  const bool b0 = j & 1, b1 = j & 2, b2 = j & 4;
-  const int x01 = b0 ? a[1] : a[0], x23 = b0 ? a[3] : a[2], x45 = b0 ? a[5] : a[4], x67 = b0 ? a[7] : a[6];
-  const int x03 = b1 ? x23 : x01, x47 = b1 ? x67 : x45;
-  return b2 ? x47 : x03;
+  for (int j = 0; j < 8; ++j) s[j] = __float_as_int(__fmul_rn(abs_elem<T>(w, j), n[j]));
 }
 
 __device__ __forceinline__ int warp_count(int local) { return static_cast<int>(__reduce_add_sync(kFullMask, local)); }
@@ -237,36 +196,43 @@ __device__ void exact_row(const RowSource<T, kStage>& src, const float* nrow, co
     for (int j = 0; j < 8; ++j) {
       const int rank = before + __popc(eq & ((1u << j) - 1u));
       const bool top = key(s[j]) > tau || (((eq >> j) & 1u) && rank < need);
-      if (top && __int_as_float(s[j]) > __fmul_rn(abs_elem<T>(w, j), fabsf(z[j]))) bits |= 1u << j;
+      if (top && __int_as_float(s[j]) > __fmul_rn(abs_elem<T>(w, j), z[j])) bits |= 1u << j;
     }
     if (bits) atomicOr(out_row + (b >> 2), bits << ((b & 3) * 8));
   }
 }
 
-// The next work item's weight row, copied into this warp's shared-memory buffer with cp.async
-// while the current row's selection runs (kStage launches). `src` is null when there is none.
-struct Prefetch {
-  const uint4* src;
-  int words;  // 16-byte words
-  __device__ __forceinline__ void issue(uint4* dst, int lane) {
-    if (src == nullptr) return;
-    __syncwarp();  // every lane is done reading the buffer
-    for (int i = lane; i < words; i += 32) cp_async16(dst + i, src + i);
-    cp_async_commit();
-    src = nullptr;
-  }
-};
-
-// Eq. 5-7 for one (row, vector range): the steps in the header comment. `src` reads the staged
-// copy until the next row's prefetch is issued (after pass 1 of the last vector), then global
-// memory (the row is still in L2).
 template <typename T, int NC, bool kStage>
-__device__ void solve_row(const WLayer& ly, int row, int v_begin, int v_end, RowSource<T, kStage>& src, Prefetch& next,
-                          uint4* buffer, int* list, int* scores, bool compact, int lane, int* stats) {
+__global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_constant__ WLaunch launch) {
+  extern __shared__ uint4 s_rows[];  // kStage: each warp's weight row
+  __shared__ int s_list[kWarps][kCap];
+  constexpr int kQ = sizeof(T) / 2;
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  const int item_id = static_cast<int>(blockIdx.x);
+  int li = 0;
+  while (li + 1 < launch.n_layers && item_id >= launch.layers[li + 1].item_begin) ++li;
+  const WLayer& ly = launch.layers[li];
+  const int item = item_id - ly.item_begin;
+  const int row = (item / ly.n_spans) * launch.warps + warp;
+  if (row >= ly.d_out) return;  // no block-wide barrier below: each warp works alone
   const int d_in = ly.d_in;
   const int k = ly.k;
   const int n_blocks = d_in >> 3;
   const int n_words = (d_in + 31) >> 5;
+  const int v_begin = (item % ly.n_spans) * ly.span;
+  const int v_end = min(v_begin + ly.span, ly.n_vec);
+
+  RowSource<T, kStage> src;
+  src.global = reinterpret_cast<const uint4*>(static_cast<const T*>(ly.weight) + static_cast<std::size_t>(row) * d_in);
+  src.shared = s_rows + static_cast<std::size_t>(warp) * NC * 32 * kQ;
+  if (kStage) {
+    uint4* mine = s_rows + static_cast<std::size_t>(warp) * NC * 32 * kQ;
+    for (int i = lane; i < n_blocks * kQ; i += 32) mine[i] = __ldg(src.global + i);
+    __syncwarp();
+  }
+  int* list = s_list[warp];
+
   for (int v = v_begin; v < v_end; ++v) {
     const float* nrow = ly.norms + static_cast<std::size_t>(v) * d_in;
     const float* zrow = ly.null_norms + static_cast<std::size_t>(v) * d_in;
@@ -279,7 +245,7 @@ __device__ void solve_row(const WLayer& ly, int row, int v_begin, int v_end, Row
       const int b = i * 32 + lane;
       const int bc = min(b, n_blocks - 1);
       int s[8];
-      block_scores<T>(src.load_pass1(bc), load_norm8(nrow, bc), s);
+      block_scores<T>(src.load(bc), load_norm8(nrow, bc), s);
       int m = s[0];
 #pragma unroll
       for (int j = 1; j < 8; ++j) m = max(m, s[j]);
@@ -297,10 +263,6 @@ __device__ void solve_row(const WLayer& ly, int row, int v_begin, int v_end, Row
 #pragma unroll
     for (int i = 1; i < NC; ++i) lmax = max(lmax, bm[i]);
     const int top = __reduce_max_sync(kFullMask, lmax);
-    if (kStage && v + 1 == v_end) {  // pass 1 was this row's last read of the buffer
-      next.issue(buffer, lane);
-      src.staged = false;
-    }
     int lo = max(top - (8 << 23), 0);
     long long hi = static_cast<long long>(top) + 1;  // count(>= hi) == 0 < k (NaN bits are INT_MAX)
     int c_lo = count_bm(lo);
@@ -391,213 +353,64 @@ __device__ void solve_row(const WLayer& ly, int row, int v_begin, int v_end, Row
         for (int q = 0; q < kSlots; ++q) m = min(m, bmx[q] >= lo ? bmx[q] : kIntMax);
         lo = __reduce_min_sync(kFullMask, m);
       }
-      // 4b-5, compact (the default): the scores >= lo (at least k; typically a few more) are
-      // listed in shared memory with their columns, at most kSlots per lane; the smallest are
-      // dropped while more than k remain, then the null comparison and one OR per column.
-      unsigned sel[kSlots];
-      int n_sel = 0;
+      // 4b. drop the smallest scores >= lo while more than k remain
+      auto count_sc = [&](int t) {
+        int c = 0;
 #pragma unroll
-      for (int q = 0; q < kSlots; ++q) {
-        sel[q] = 0u;
+        for (int q = 0; q < kSlots; ++q)
 #pragma unroll
-        for (int j = 0; j < 8; ++j) sel[q] |= (sc[q][j] >= lo ? 1u : 0u) << j;
-        n_sel += __popc(sel[q]);
+          for (int j = 0; j < 8; ++j) c += sc[q][j] >= t ? 1 : 0;
+        return warp_count(c);
+      };
+      int c_s = count_sc(lo);
+      bool tie = false;
+      while (c_s > k) {
+        int m = kIntMax;
+#pragma unroll
+        for (int q = 0; q < kSlots; ++q)
+#pragma unroll
+          for (int j = 0; j < 8; ++j) m = min(m, sc[q][j] >= lo ? sc[q][j] : kIntMax);
+        const int low = __reduce_min_sync(kFullMask, m);
+        int n_low = 0;
+#pragma unroll
+        for (int q = 0; q < kSlots; ++q)
+#pragma unroll
+          for (int j = 0; j < 8; ++j) n_low += sc[q][j] == low ? 1 : 0;
+        n_low = warp_count(n_low);
+        if (c_s - n_low >= k) {
+          lo = low + 1;
+          c_s -= n_low;
+        } else {
+          tie = true;  // equal scores straddle the k-th place: the exact path orders them by column
+          break;
+        }
       }
-      int upto = n_sel;
-#pragma unroll
-      for (int d = 1; d < 32; d <<= 1) {
-        const int t = __shfl_up_sync(kFullMask, upto, d);
-        if (lane >= d) upto += t;
-      }
-      const int c_sel = __shfl_sync(kFullMask, upto, 31);
-      if (compact && c_sel <= kCap) {
-        int pos = upto - n_sel;
+      if (!tie) {
+        // 5. the k scores >= lo: null comparison, then one OR per block
 #pragma unroll
         for (int q = 0; q < kSlots; ++q) {
-          unsigned m = sel[q];
-          while (m) {
-            const int j = __ffs(m) - 1;
-            m &= m - 1u;
-            list[pos] = blk[q] * 8 + j;
-            scores[pos] = pick8(sc[q], j);
-            ++pos;
-          }
-        }
-        __syncwarp();
-        int cs[kSlots], cc[kSlots];
+          if (q * 32 < n_listed && blk[q] >= 0) {
+            const int b = blk[q];
+            std::uint32_t bits = 0u;
 #pragma unroll
-        for (int q = 0; q < kSlots; ++q) {
-          const int slot = q * 32 + lane;
-          cs[q] = slot < c_sel ? scores[slot] : -1;
-          cc[q] = slot < c_sel ? list[slot] : 0;
-        }
-        __syncwarp();  // read before the next vector rewrites them
-        int c = c_sel;
-        bool tie = false;
-        while (c > k) {
-          int m = kIntMax;
+            for (int j = 0; j < 8; ++j) bits |= sc[q][j] >= lo ? (1u << j) : 0u;
+            if (bits) {
+              const Raw8<T> w = src.load(b);
+              const Norm8 z = load_norm8(zrow, b);
 #pragma unroll
-          for (int q = 0; q < kSlots; ++q) m = min(m, cs[q] >= lo ? cs[q] : kIntMax);
-          const int low = __reduce_min_sync(kFullMask, m);
-          int n_low = 0;
-#pragma unroll
-          for (int q = 0; q < kSlots; ++q) n_low += cs[q] == low ? 1 : 0;
-          n_low = warp_count(n_low);
-          if (c - n_low >= k) {
-            lo = low + 1;
-            c -= n_low;
-          } else {
-            tie = true;  // equal scores straddle the k-th place: the exact path orders them by column
-            break;
-          }
-        }
-        if (!tie) {
-#pragma unroll
-          for (int q = 0; q < kSlots; ++q) {
-            const int col = cc[q];
-            if (cs[q] >= lo && __int_as_float(cs[q]) > __fmul_rn(src.abs_at(col), fabsf(__ldg(zrow + col))))
-              atomicOr(out_row + (col >> 5), 1u << (col & 31));
-          }
-          continue;
-        }
-      } else {
-        // 4b. drop the smallest scores >= lo while more than k remain
-        auto count_sc = [&](int t) {
-          int c = 0;
-#pragma unroll
-          for (int q = 0; q < kSlots; ++q)
-#pragma unroll
-            for (int j = 0; j < 8; ++j) c += sc[q][j] >= t ? 1 : 0;
-          return warp_count(c);
-        };
-        int c_s = count_sc(lo);
-        bool tie = false;
-        while (c_s > k) {
-          int m = kIntMax;
-#pragma unroll
-          for (int q = 0; q < kSlots; ++q)
-#pragma unroll
-            for (int j = 0; j < 8; ++j) m = min(m, sc[q][j] >= lo ? sc[q][j] : kIntMax);
-          const int low = __reduce_min_sync(kFullMask, m);
-          int n_low = 0;
-#pragma unroll
-          for (int q = 0; q < kSlots; ++q)
-#pragma unroll
-            for (int j = 0; j < 8; ++j) n_low += sc[q][j] == low ? 1 : 0;
-          n_low = warp_count(n_low);
-          if (c_s - n_low >= k) {
-            lo = low + 1;
-            c_s -= n_low;
-          } else {
-            tie = true;  // equal scores straddle the k-th place: the exact path orders them by column
-            break;
-          }
-        }
-        if (!tie) {
-          // 5. the k scores >= lo: null comparison, then one OR per block
-#pragma unroll
-          for (int q = 0; q < kSlots; ++q) {
-            if (q * 32 < n_listed && blk[q] >= 0) {
-              const int b = blk[q];
-              std::uint32_t bits = 0u;
-#pragma unroll
-              for (int j = 0; j < 8; ++j) bits |= sc[q][j] >= lo ? (1u << j) : 0u;
-              if (bits) {
-                const Raw8<T> w = src.load(b);
-                const Norm8 z = load_norm8(zrow, b);
-#pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                  if (!(__int_as_float(sc[q][j]) > __fmul_rn(abs_elem<T>(w, j), fabsf(z[j])))) bits &= ~(1u << j);
-                }
-                if (bits) atomicOr(out_row + (b >> 2), bits << ((b & 3) * 8));
+              for (int j = 0; j < 8; ++j) {
+                if (!(__int_as_float(sc[q][j]) > __fmul_rn(abs_elem<T>(w, j), z[j]))) bits &= ~(1u << j);
               }
+              if (bits) atomicOr(out_row + (b >> 2), bits << ((b & 3) * 8));
             }
           }
-          continue;
         }
+        continue;
       }
     }
-    if (lane == 0 && stats) atomicAdd(stats, 1);
+    if (lane == 0 && launch.stats) atomicAdd(launch.stats, 1);
     exact_row<T, kStage>(src, nrow, zrow, out_row, n_blocks, k, lane);
   }
-}
-
-// Work item `item` of the launch for warp `warp`: its layer (searched from `li`, items ascend) and row.
-__device__ __forceinline__ int layer_of(const WLaunch& launch, int item, int li) {
-  while (li + 1 < launch.n_layers && item >= launch.layers[li + 1].item_begin) ++li;
-  return li;
-}
-
-__device__ __forceinline__ int row_of(const WLaunch& launch, const WLayer& ly, int item, int warp) {
-  return ((item - ly.item_begin) / ly.n_spans) * launch.warps + warp;
-}
-
-// Block b takes items b, 2G - 1 - b, 2G + b, ... (G blocks: one item each by default; persistent
-// launches walk several, in a snake order so that the per-block sums of the descending item sizes
-// even out). Warp w of a block solves row w
-// of the item's group of rows, for the item's span of vectors. Layers come widest first; NC is the
-// widest layer's chunk count and each layer runs the code compiled for its own.
-template <typename T, int NC, bool kStage>
-__global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_constant__ WLaunch launch) {
-  extern __shared__ uint4 s_rows[];  // kStage: each warp's weight row
-  __shared__ int s_list[kWarps][kCap];
-  __shared__ int s_scores[kWarps][kCap];
-  constexpr int kQ = sizeof(T) / 2;
-  const int lane = static_cast<int>(threadIdx.x) & 31;
-  const int warp = static_cast<int>(threadIdx.x) >> 5;
-  const int grid = static_cast<int>(gridDim.x);
-  const int block = static_cast<int>(blockIdx.x);
-  uint4* buffer = s_rows + static_cast<std::size_t>(warp) * NC * 32 * kQ;
-  int* list = s_list[warp];
-  int* scores = s_scores[warp];
-  const bool compact = launch.compact != 0;
-  auto item_at = [&](int pass) { return pass * grid + ((pass & 1) ? grid - 1 - block : block); };
-  // The row of `item` for this warp as a prefetch (none past the end or past the layer's rows).
-  auto prefetch_of = [&](int item, int li) {
-    Prefetch p{nullptr, 0};
-    if (!kStage || item >= launch.n_items) return p;
-    const WLayer& ly = launch.layers[layer_of(launch, item, li)];
-    const int row = row_of(launch, ly, item, warp);
-    if (row < ly.d_out) {
-      p.src = reinterpret_cast<const uint4*>(static_cast<const T*>(ly.weight) + static_cast<std::size_t>(row) * ly.d_in);
-      p.words = (ly.d_in >> 3) * kQ;
-    }
-    return p;
-  };
-
-  int li = 0;
-  Prefetch next = prefetch_of(item_at(0), 0);
-  next.issue(buffer, lane);
-  for (int pass = 0;; ++pass) {
-    const int item = item_at(pass);
-    if (item >= launch.n_items) break;
-    li = layer_of(launch, item, li);
-    const WLayer& ly = launch.layers[li];
-    const int row = row_of(launch, ly, item, warp);
-    next = prefetch_of(item_at(pass + 1), li);
-    if (kStage) {
-      cp_async_wait_all();
-      __syncwarp();  // the other lanes' copies are visible
-    }
-    if (row >= ly.d_out) {  // no block-wide barrier: each warp works alone
-      next.issue(buffer, lane);
-      continue;
-    }
-    RowSource<T, kStage> src;
-    src.global = reinterpret_cast<const uint4*>(static_cast<const T*>(ly.weight) + static_cast<std::size_t>(row) * ly.d_in);
-    src.shared = buffer;
-    src.staged = true;
-    const int v_begin = ((item - ly.item_begin) % ly.n_spans) * ly.span;
-    const int v_end = min(v_begin + ly.span, ly.n_vec);
-    switch (ly.nc) {
-      case 5: solve_row<T, 5, kStage>(ly, row, v_begin, v_end, src, next, buffer, list, scores, compact, lane, launch.stats); break;
-      case 10: if constexpr (NC >= 10) solve_row<T, 10, kStage>(ly, row, v_begin, v_end, src, next, buffer, list, scores, compact, lane, launch.stats); break;
-      case 20: if constexpr (NC >= 20) solve_row<T, 20, kStage>(ly, row, v_begin, v_end, src, next, buffer, list, scores, compact, lane, launch.stats); break;
-      default: if constexpr (NC >= 32) solve_row<T, 32, kStage>(ly, row, v_begin, v_end, src, next, buffer, list, scores, compact, lane, launch.stats); break;
-    }
-    next.issue(buffer, lane);  // not issued yet if the span was empty
-  }
-  if (kStage) cp_async_wait_all();  // no copy outlives the block
 }
 
 using KernelFn = void (*)(WLaunch);
@@ -665,31 +478,6 @@ int blocks_per_sm(KernelFn kernel, int warps, int smem, int device) {
 
 bool aligned16(std::uintptr_t p) { return p % 16 == 0; }
 
-// At least this many bytes of dynamic shared memory per block (MEMLOC_CUDA_MASK_SMEM_MIN, a
-// benchmark knob read per call: more shared memory, fewer resident blocks, to measure how the
-// kernel's speed depends on occupancy). 0 when unset.
-int smem_floor() {
-  const char* env = std::getenv("MEMLOC_CUDA_MASK_SMEM_MIN");
-  return env != nullptr ? std::clamp(std::atoi(env), 0, 200 * 1024) : 0;
-}
-
-// Benchmark knobs (read per call; the masks do not depend on them): MEMLOC_CUDA_MASK_LAUNCH=
-// per-width gives each chunk class its own launch; MEMLOC_CUDA_MASK_GRID=persistent launches as many
-// blocks as are resident, each walking several work items (prefetching its next row), instead of
-// one block per work item (the default: 83.9 vs 102.3 us single, 40.2 vs 43.0 us batched on an
-// H100, BENCHMARKS.md sixth session).
-bool env_is(const char* name, const char* value) {
-  const char* env = std::getenv(name);
-  return env != nullptr && std::strcmp(env, value) == 0;
-}
-
-// The selection after the raise: compact (default) or, with MEMLOC_CUDA_MASK_SELECT=regs, the
-// register drop loop (a benchmark knob, read per call; both give the same masks).
-int compact_selection() {
-  const char* env = std::getenv("MEMLOC_CUDA_MASK_SELECT");
-  return env != nullptr && std::strcmp(env, "regs") == 0 ? 0 : 1;
-}
-
 }  // namespace
 
 bool memorized_mask_warp_eligible(const MaskLayerArgs& a) {
@@ -706,54 +494,46 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
   DeviceGuard guard(device);
   const int sms = sm_count(device);
   const int warps = block_warps();
-  // One launch per (dtype, staging), whatever the widths; in each, the widest rows first.
-  const bool per_width = env_is("MEMLOC_CUDA_MASK_LAUNCH", "per-width");
-  const bool persistent = env_is("MEMLOC_CUDA_MASK_GRID", "persistent");
+  // One launch per (dtype, chunks, staging); the widest rows first.
   std::map<std::tuple<int, int, int>, std::vector<const MaskLayerArgs*>, std::greater<>> groups;
   for (const MaskLayerArgs* a : layers) {
     const int nc = chunks_for(a->d_in);
-    const bool stage = stage_bytes(static_cast<DType>(a->dtype), nc, warps) <= kMaxStageBytes;
-    groups[{per_width ? nc : 0, a->dtype, stage ? 1 : 0}].push_back(a);
+    const bool stage = a->S * a->T > 1 && stage_bytes(static_cast<DType>(a->dtype), nc, warps) <= kMaxStageBytes;
+    groups[{nc, a->dtype, stage ? 1 : 0}].push_back(a);
   }
-  for (auto& [key, members] : groups) {
-    std::stable_sort(members.begin(), members.end(),
-                     [](const MaskLayerArgs* x, const MaskLayerArgs* y) { return chunks_for(x->d_in) > chunks_for(y->d_in); });
+  for (const auto& [key, members] : groups) {
+    const int nc = std::get<0>(key);
     const DType dtype = static_cast<DType>(std::get<1>(key));
     const bool stage = std::get<2>(key) != 0;
+    const int smem = stage ? stage_bytes(dtype, nc, warps) : 0;
+    const KernelFn kernel = kernel_for(dtype, nc, stage);
+    const std::int64_t resident = static_cast<std::int64_t>(blocks_per_sm(kernel, warps, smem, device)) * sms;
     for (std::size_t first = 0; first < members.size(); first += kMaxLayers) {
       const std::size_t last = std::min(members.size(), first + kMaxLayers);
-      const int nc = chunks_for(members[first]->d_in);  // the widest of this launch
-      const int smem = std::max(stage ? stage_bytes(dtype, nc, warps) : 0, smem_floor());
-      const KernelFn kernel = kernel_for(dtype, nc, stage);
-      const std::int64_t resident = static_cast<std::int64_t>(blocks_per_sm(kernel, warps, smem, device)) * sms;
       std::int64_t groups_of_rows = 0, max_vec = 1;
       for (std::size_t i = first; i < last; ++i) {
         groups_of_rows += ceil_div(members[i]->d_out, warps);
         max_vec = std::max<std::int64_t>(max_vec, members[i]->S * members[i]->T);
       }
-      // split the vectors until there are about 4 items per resident block
+      // split the vectors until there are about 4 waves of blocks
       const std::int64_t pieces = std::clamp<std::int64_t>(ceil_div(4 * resident, groups_of_rows), 1, max_vec);
       WLaunch launch{};
       launch.n_layers = static_cast<int>(last - first);
       launch.warps = warps;
-      launch.compact = compact_selection();
       launch.stats = reinterpret_cast<int*>(stats);
       std::int64_t items = 0;
       for (std::size_t i = first; i < last; ++i) {
         const MaskLayerArgs& a = *members[i];
         WLayer& l = launch.layers[i - first];
         fill_mask_layer(l, a);
-        l.nc = chunks_for(a.d_in);
         l.n_vec = static_cast<int>(a.S * a.T);
         l.span = static_cast<int>(ceil_div(l.n_vec, std::min<std::int64_t>(pieces, l.n_vec)));
         l.n_spans = static_cast<int>(ceil_div(l.n_vec, l.span));
         l.item_begin = static_cast<int>(items);
         items += ceil_div(a.d_out, warps) * l.n_spans;
       }
-      MEMLOC_REQUIRE(items < (1LL << 30), "memorized_mask: too many work items in one launch");
-      launch.n_items = static_cast<int>(items);
-      const std::int64_t grid = persistent ? std::min(items, resident) : items;
-      kernel<<<static_cast<unsigned>(grid), warps * 32, smem, as_stream(stream)>>>(launch);
+      MEMLOC_REQUIRE(items < (1LL << 31), "memorized_mask: too many work items in one launch");
+      kernel<<<static_cast<unsigned>(items), warps * 32, smem, as_stream(stream)>>>(launch);
       MEMLOC_CUDA_CHECK_LAUNCH();
     }
   }
