@@ -83,6 +83,12 @@ __device__ __forceinline__ float load_abs(const T* p) {
   return fabsf(to_float<T>(__ldg(p)));
 }
 
+// The bits of a score |w| * |norm| (the reference's float32 product; |norm| so that a -0.0
+// statistic, whose root is -0.0, scores +0.0 instead of 0x80000000, above every score).
+__device__ __forceinline__ std::uint32_t score_bits(float wabs, float norm) {
+  return __float_as_uint(__fmul_rn(wabs, fabsf(norm)));
+}
+
 // The row as one lane sees it: |W| of its E elements in registers (element e is column
 // col0 + 32 e; elements e >= n_valid pad the row and score 0). Scores are recomputed from the
 // (L1-resident) norms in each pass instead of being kept in registers, so that 32 elements per
@@ -97,9 +103,9 @@ struct LaneRow {
 
   template <bool kPadded>
   __device__ __forceinline__ std::uint32_t score(int e, const float* row_norms) const {
-    if (!kPadded) return __float_as_uint(__fmul_rn(wabs[e], fabsf(__ldg(row_norms + col0 + e * 32))));
-    const float norm = e < n_valid ? fabsf(__ldg(row_norms + col0 + e * 32)) : 0.f;  // a predicated load
-    return __float_as_uint(__fmul_rn(wabs[e], norm));  // padding: |W| = 0, so the score is 0
+    if (!kPadded) return score_bits(wabs[e], __ldg(row_norms + col0 + e * 32));
+    const float norm = e < n_valid ? __ldg(row_norms + col0 + e * 32) : 0.f;  // a predicated load
+    return score_bits(wabs[e], norm);  // padding: |W| = 0, so the score is 0
   }
 
   // Largest score bits of this lane (non-negative floats, and NaN above +inf, order like uint32).
@@ -226,7 +232,7 @@ __device__ __forceinline__ void select_row(const LaneRow<E>& lr, const T* wrow, 
         // null norm is loaded here too, in parallel, not after the ranking.
         const std::uint32_t col = static_cast<std::uint32_t>(lr.col0 + e * 32);
         const float w = load_abs(wrow + col);
-        const std::uint32_t key = __float_as_uint(__fmul_rn(w, fabsf(__ldg(row_norms + col))));
+        const std::uint32_t key = score_bits(w, __ldg(row_norms + col));
         s_cand[slot] = (static_cast<unsigned long long>(key) << 32) | static_cast<std::uint32_t>(~col);
         s_null[slot] = __fmul_rn(w, __ldg(row_null_norms + col));
       }
