@@ -678,6 +678,8 @@ def launch_stream(weights, roots: torch.Tensor, n_starts: Sequence[int], z_start
 
 
 _OCCUPANCY: dict[tuple, int] = {}
+
+
 def _counters(device: torch.device) -> torch.Tensor:
     """int32 ``[2]`` on ``device``: [slow exact path, bound raised to fit the tile] problem counts."""
     return device_counters("triton.mask_stream", 2, device)
