@@ -26,17 +26,23 @@ from _meta import git_commit, gpu_name, write_rows  # noqa: E402
 from bench_gpu_ops import bench  # noqa: E402
 
 ROWS: list[dict] = []
-# (label, backend, environment): MEMLOC_CUDA_MASK=warp|block picks the CUDA kernel;
-# MEMLOC_CUDA_MASK_WARPS sets the warp kernel's rows per block (default 4)
+# (label, backend, environment): MEMLOC_CUDA_MASK=thread|warp|block picks the CUDA kernel (unset:
+# the backend's default, the thread kernel for batched layers it takes, else the warp kernel);
+# MEMLOC_CUDA_MASK_WARPS sets the warp kernel's rows per block (default 4);
+# MEMLOC_CUDA_MASK_WARM=0 turns its warm start off;
+# MEMLOC_CUDA_MASK_STREAMS=0 keeps its width groups' launches on the caller's stream.
 PROVIDERS = [("reference", "reference", {}), ("triton", "triton", {}), ("triton-regs", "triton", {"stream": "regs"}),
              ("triton-regs168", "triton", {"stream": "regs", "maxnreg": 168}),
              ("triton-regs-nocap", "triton", {"stream": "regs", "maxnreg": 0}),
              ("triton-regs-serial", "triton", {"stream": "regs", "serial": 1}),
+             ("cuda", "cuda", {}),
+             ("cuda-thread", "cuda", {"MEMLOC_CUDA_MASK": "thread"}),
              ("cuda-warp", "cuda", {"MEMLOC_CUDA_MASK": "warp"}),
-             ("cuda-warp2", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_WARPS": "2"}),
              ("cuda-warp8", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_WARPS": "8"}),
+             ("cuda-warp-cold", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_WARM": "0"}),
+             ("cuda-warp-serial", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_STREAMS": "0"}),
              ("cuda-block", "cuda", {"MEMLOC_CUDA_MASK": "block"})]
-KNOBS = ("MEMLOC_CUDA_MASK", "MEMLOC_CUDA_MASK_WARPS")
+KNOBS = ("MEMLOC_CUDA_MASK", "MEMLOC_CUDA_MASK_WARPS", "MEMLOC_CUDA_MASK_WARM", "MEMLOC_CUDA_MASK_STREAMS")
 
 
 def run(label, shapes, lead, heavy=False, rep=100):

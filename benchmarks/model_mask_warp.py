@@ -46,6 +46,9 @@ DROP = 186
 NULL_GROUP = 80
 
 
+WARM_DROP = 1 << 21  # kWarmDrop: the warm start's first probe, this many bits below the guess
+
+
 @dataclass
 class Trips:
     reg_steps: int
@@ -54,6 +57,7 @@ class Trips:
     drops: int
     busiest_lane: int
     exact: bool
+    guess: int = -1  # the k-th largest listed block maximum: the next problem's warm start
 
 
 def chunks_for(d_in: int) -> int:
@@ -61,22 +65,35 @@ def chunks_for(d_in: int) -> int:
     return next(nc for nc in (5, 10, 20, 32) if need <= nc)
 
 
-def select_row(bits: np.ndarray, k: int, cap: int = CAP) -> tuple[np.ndarray | None, Trips]:
+def select_row(bits: np.ndarray, k: int, cap: int = CAP, guess: int = -1) -> tuple[np.ndarray | None, Trips]:
     """The kernel's fast path on one row's score bits (int32, d_in a multiple of 8): the columns of
-    the top k (None where the kernel takes its exact path) and the loop trip counts."""
+    the top k (None where the kernel takes its exact path) and the loop trip counts. ``guess``: the
+    warm start (the previous problem's ``Trips.guess``; -1: none)."""
     nb = bits.size // 8
     nc = chunks_for(bits.size)
     blocks = bits.reshape(nb, 8)
     bm = np.full(nc * 32, -1, np.int64)
     bm[:nb] = blocks.max(axis=1)
     top = int(bm.max())
-    lo, hi = max(top - (8 << 23), 0), top + 1
     count = lambda t: int((bm >= t).sum())  # noqa: E731
-    c_lo = count(lo)
-    if c_lo < k:
-        hi, lo = max(lo, 1), 0
-        c_lo = count(0)
+    hi = top + 1
     reg_steps = 0
+    started = False
+    if guess >= 0:
+        t = max(guess - WARM_DROP, 0)
+        c = count(t) if t < hi else 0
+        if c >= k:
+            lo, c_lo, started = t, c, True
+        elif t < hi:
+            hi = t
+    if not started:
+        if guess >= 0:
+            reg_steps += 1  # the count at the guess was one step more
+        lo = max(hi - 1 - (8 << 23), 0)
+        c_lo = count(lo)
+        if c_lo < k:
+            hi, lo = max(lo, 1), 0
+            c_lo = count(0)
     while c_lo >= k and c_lo > cap and hi - lo > 1:
         mid = lo + (hi - lo) // 2
         c = count(mid)
@@ -86,7 +103,7 @@ def select_row(bits: np.ndarray, k: int, cap: int = CAP) -> tuple[np.ndarray | N
         else:
             hi = mid
     if c_lo < k or c_lo > cap:
-        return None, Trips(reg_steps, 0, 0, 0, 0, True)
+        return None, Trips(reg_steps, 0, 0, 0, 0, True, guess)
     listed = np.nonzero(bm >= lo)[0]
     busiest = int(np.bincount(listed % 32, minlength=32).max())
     bmx = bm[listed]
@@ -102,6 +119,7 @@ def select_row(bits: np.ndarray, k: int, cap: int = CAP) -> tuple[np.ndarray | N
             hi = mid
     if c_lo == k:
         lo = int(bmx[bmx >= lo].min())
+    new_guess = lo
     c_s = int((sc >= lo).sum())
     drops = 0
     while c_s > k:
@@ -109,10 +127,10 @@ def select_row(bits: np.ndarray, k: int, cap: int = CAP) -> tuple[np.ndarray | N
         n_low = int((sc == low).sum())
         drops += 1
         if c_s - n_low < k:  # equal scores straddle the k-th place: the exact path
-            return None, Trips(reg_steps, len(listed), list_steps, drops, busiest, True)
+            return None, Trips(reg_steps, len(listed), list_steps, drops, busiest, True, new_guess)
         lo, c_s = low + 1, c_s - n_low
     cols = (listed[:, None] * 8 + np.arange(8)[None, :])[sc >= lo]
-    return np.sort(cols), Trips(reg_steps, len(listed), list_steps, drops, busiest, False)
+    return np.sort(cols), Trips(reg_steps, len(listed), list_steps, drops, busiest, False, new_guess)
 
 
 def instructions(d_in: int, t: Trips) -> float:
@@ -129,6 +147,7 @@ def main() -> int:
     parser.add_argument("--vectors", type=int, default=3, help="statistics vectors per layer shape")
     parser.add_argument("--heavy", action="store_true", help="0.5 %% of columns with 100x statistics")
     parser.add_argument("--costs", action="store_true", help="print the per-step costs and exit")
+    parser.add_argument("--warm", action="store_true", help="warm start from the row's previous vector")
     args = parser.parse_args()
     if args.costs:
         for name in ("PASS1", "SETUP", "REG_STEP", "LIST_FIXED", "LIST_PER_HIT", "GATHER_GROUP", "LIST_STEP",
@@ -148,11 +167,15 @@ def main() -> int:
         k = max(1, int(0.01 * d_in))
         aw = w.float().abs().numpy()
         trips, instr = [], []
-        for v in range(args.vectors):
-            n = torch.sqrt(s[v]).numpy()
-            scores = (aw * n[None, :]).astype(np.float32).view(np.int32)
-            for r in range(d_out):
-                _, t = select_row(scores[r], k)
+        scores = [(aw * torch.sqrt(s[v]).numpy()[None, :]).astype(np.float32).view(np.int32)
+                  for v in range(args.vectors)]
+        for r in range(d_out):
+            guess = -1  # a warp walks the vectors of its row in order
+            for v in range(args.vectors):
+                _, t = select_row(scores[v][r], k, guess=guess if args.warm else -1)
+                guess = t.guess
+                if args.warm and v == 0 and args.vectors > 1:
+                    continue  # batched: the first vector of a row is the only cold one
                 trips.append(t)
                 instr.append(instructions(d_in, t))
         per_problem = float(np.mean(instr))

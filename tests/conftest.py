@@ -33,6 +33,20 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def cuda() -> torch.device:
+    """The GPU for the CUDA backend's tests, or a skip (a failure under MEMLOC_REQUIRE_CUDA_BACKEND=1)
+    when the backend cannot run."""
+    from memloc_kernels.backends import cuda as cuda_backend
+
+    ok, why = cuda_backend.BACKEND.availability()
+    if not ok:
+        if os.environ.get("MEMLOC_REQUIRE_CUDA_BACKEND") == "1":
+            pytest.fail(f"cuda backend unavailable: {why}")
+        pytest.skip(f"cuda backend unavailable: {why}")
+    return torch.device("cuda")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for the modules that ask (``pytestmark = pytest.mark.usefixtures("one_thread")``).

@@ -7,8 +7,6 @@ on the GPU machine, so that a build without CUDA cannot pass silently).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -17,7 +15,7 @@ from memloc_kernels import reference as ref
 from memloc_kernels._dispatch import get_backend
 from memloc_kernels.backends import cuda as cuda_backend
 
-_AVAILABLE, _WHY = cuda_backend.BACKEND.availability()
+_AVAILABLE = cuda_backend.BACKEND.availability()[0]
 _TRITON_OK = _AVAILABLE and get_backend("triton").availability()[0]
 
 # The backends every CUDA result is compared with: the reference always, Triton where it runs.
@@ -50,16 +48,6 @@ SPARSITIES = [0.001, 0.01, 0.05, 0.3, 1.0]  # 0.001: k = 1 for d_in < 2000; 1.0:
 
 SD15_LAYERS = [(320, 1280)] * 5 + [(640, 2560)] * 5 + [(1280, 5120)] * 6
 SDXL_FFN2 = [(640, 2560)] * 10 + [(1280, 5120)] * 60
-
-
-@pytest.fixture
-def cuda() -> torch.device:
-    """The GPU, or a skip (a failure under MEMLOC_REQUIRE_CUDA_BACKEND=1) when the backend cannot run."""
-    if not _AVAILABLE:
-        if os.environ.get("MEMLOC_REQUIRE_CUDA_BACKEND") == "1":
-            pytest.fail(f"cuda backend unavailable: {_WHY}")
-        pytest.skip(f"cuda backend unavailable: {_WHY}")
-    return torch.device("cuda")
 
 
 def assert_words_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "words") -> None:
@@ -194,6 +182,20 @@ def test_memorized_mask_warp_kernel_rows_per_block(cuda, monkeypatch, warps):
     weight = torch.randn(37, 2560).half().to(cuda)  # 37 rows: a last block with fewer rows than warps
     sumsq, null_sumsq = random_stats(2560, 4, 2, device=cuda)
     assert_words_equal(*masks(weight, sumsq, null_sumsq, 0.01, "reference"), f"{warps} warps")
+
+
+@pytest.mark.gpu
+def test_memorized_mask_warp_kernel_single_vectors_rows_of_different_scales(cuda, monkeypatch):
+    # Single vectors: row counts that leave the last block fewer rows than warps, rows of very
+    # different scales in one layer, all-zero rows (the exact path).
+    monkeypatch.setenv("MEMLOC_CUDA_MASK", "warp")
+    weights = [(torch.randn(d_out, d_in) * 0.02).half() for d_out, d_in in [(37, 2560), (5, 1280), (26, 5120)]]
+    weights[0][::3] *= 1000
+    weights[2][1::4] = 0
+    for weight in weights:
+        sumsq, null_sumsq = random_stats(weight.shape[1], device="cpu")
+        got = masks(weight.to(cuda), sumsq.to(cuda), null_sumsq.to(cuda), 0.01, "reference")
+        assert_words_equal(*got, f"{tuple(weight.shape)}")
 
 
 @pytest.mark.gpu
@@ -339,21 +341,47 @@ def test_memorized_masks_sd15_16_layers(cuda, oracle):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("streams", ["1", "0"], ids=["side-streams", "serial"])
 @pytest.mark.parametrize("warps", ["1", "4", "8"])
 @pytest.mark.parametrize("lead", [(), (2,)], ids=["one-vector", "S2"])
-def test_memorized_masks_warp_kernel_all_widths_in_one_call(cuda, monkeypatch, lead, warps):
-    # Every chunk class in one call, row counts that are not multiples of the rows per block.
+def test_memorized_masks_warp_kernel_all_widths_in_one_call(cuda, monkeypatch, lead, warps, streams):
+    # Every chunk class in one call, row counts that are not multiples of the rows per block; the
+    # width groups' launches on side streams (the default) or all on the caller's stream
+    # (MEMLOC_CUDA_MASK_STREAMS=0).
     monkeypatch.setenv("MEMLOC_CUDA_MASK", "warp")
+    monkeypatch.setenv("MEMLOC_CUDA_MASK_STREAMS", streams)
     monkeypatch.setenv("MEMLOC_CUDA_MASK_WARPS", warps)
     shapes = [(1283, 1280), (7, 5128), (645, 2560), (1301, 5120), (3, 8192), (9, 8), (1, 2568)]
     _check_layers(*_layers(shapes, cuda, lead=lead), 0.01, "reference")
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("streams", ["1", "0"], ids=["side-streams", "serial"])
+@pytest.mark.parametrize("warps", ["1", "4", "8"])
+def test_memorized_masks_warp_kernel_mixed_dtypes_side_streams(cuda, monkeypatch, warps, streams):
+    # Every chunk class and dtype (one launch group each), several layers per launch, rows of very
+    # different scales and all-zero rows (the exact path), the groups' launches on side streams (the
+    # default) or not (MEMLOC_CUDA_MASK_STREAMS=0); single vectors, then the same layers batched
+    # (two vectors each: the staged kernels).
+    monkeypatch.setenv("MEMLOC_CUDA_MASK", "warp")
+    monkeypatch.setenv("MEMLOC_CUDA_MASK_WARPS", warps)
+    monkeypatch.setenv("MEMLOC_CUDA_MASK_STREAMS", streams)
+    shapes = [(1283, 1280), (7, 5128), (645, 2560), (1301, 5120), (3, 8192), (9, 8), (1, 2568), (40, 1280)]
+    weights, sumsqs, nulls = _layers(shapes, cuda, lead=())
+    weights[3][::7] *= 1000
+    weights[0][5::9] = 0
+    weights[-1] = weights[-1].to(torch.bfloat16)
+    weights[2] = weights[2].float()
+    _check_layers(weights, sumsqs, nulls, 0.01, "reference")
+    _check_layers(weights, [s.unsqueeze(0).expand(2, -1).contiguous() for s in sumsqs], nulls, 0.01, "reference")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("lead", [(), (3, 2)], ids=["one-vector", "S3xT2"])
 def test_memorized_mask_warp_kernel_many_scores_at_the_bound(cuda, monkeypatch, lead):
     # Random rows, and rows whose top k fill whole 8-column blocks (k = 96 at d_in 1920): hundreds
-    # of scores reach the raised bound, so the drop loop runs for hundreds of distinct values.
+    # of scores reach the raised bound, more than the compact list holds, so the selection ends in
+    # the register drop loop (its fallback), which runs for hundreds of distinct values.
     monkeypatch.setenv("MEMLOC_CUDA_MASK", "warp")
     for d_out, d_in in [(40, 1280), (24, 5120)]:
         weight = (torch.randn(d_out, d_in) * 0.02).half()
@@ -366,6 +394,27 @@ def test_memorized_mask_warp_kernel_many_scores_at_the_bound(cuda, monkeypatch, 
     weight = weight * torch.where(torch.rand(6, 1920) < 0.5, -1.0, 1.0).half()
     ones = torch.ones(*lead, 1920)
     assert_words_equal(*masks(weight.to(cuda), ones.to(cuda), (ones * 0.25).to(cuda), 0.05, "reference"), "blocks")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("warm", ["1", "0"], ids=["warm", "cold"])
+def test_memorized_mask_warp_kernel_warm_start(cuda, monkeypatch, warm):
+    # A warp walks the vectors of its row in order and starts each bound search a little below the
+    # previous vector's k-th largest block maximum. Vectors whose scale jumps by 1e4 up and down (the
+    # guess lands far above or below the bound), equal vectors (the guess is exact) and an all-zero
+    # vector (no bound: the exact path) in one call; with the warm start and without
+    # (MEMLOC_CUDA_MASK_WARM=0).
+    monkeypatch.setenv("MEMLOC_CUDA_MASK", "warp")
+    monkeypatch.setenv("MEMLOC_CUDA_MASK_WARM", warm)
+    scales = torch.tensor([1.0, 1e4, 1e-4, 1.0, 1.0, 0.0, 3.0, 1e-8, 1e8, 0.5])
+    for d_out, d_in in [(33, 1280), (9, 2560), (21, 5120)]:
+        weight = (torch.randn(d_out, d_in) * 0.02).half()
+        sumsq, null_sumsq = random_stats(d_in, 2, 10, device="cpu")
+        sumsq = sumsq * scales[:, None]
+        sumsq[:, 4] = sumsq[:, 3]
+        null_sumsq = null_sumsq * scales[:, None]
+        got = masks(weight.to(cuda), sumsq.to(cuda), null_sumsq.to(cuda), 0.01, "reference")
+        assert_words_equal(*got, f"warm={warm} {d_out}x{d_in}")
 
 
 @pytest.mark.gpu

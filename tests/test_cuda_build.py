@@ -27,8 +27,16 @@ pytestmark = [
 # the exact-fallback path). Allow that much, not a habit: (spill store bytes, spill load bytes).
 # The warp kernel (mask_warp.cu) keeps each row's block maxima and gathered scores under a
 # 128-register cap (two 256-thread blocks per SM); ptxas spills a few per-row constants and
-# pointers (at most 80 bytes stored, 152 loaded, for f32 weights with 32 chunks).
-SPILL_ALLOWANCE = {"memorized_mask_kernel": (128, 384), "mask_warp_kernel": (96, 160)}
+# pointers (at most 84 bytes stored, 88 loaded: f16/bf16 weights, 32 chunks, staged row; 36 / 40
+# for the staged 20-chunk kernel that SD1.5's widest layers take). The thread kernel
+# (mask_thread.cu) may use 255 registers (shared memory limits it to two 128-thread blocks per SM);
+# what it spills (at most 92 bytes) lies outside its scoring loop: launch setup and the inlined
+# warp fallback (solve_problem). First matching pattern wins.
+SPILL_ALLOWANCE = {
+    "memorized_mask_kernel": (128, 384),
+    "mask_warp_kernel": (96, 96),
+    "mask_thread_kernel": (96, 96),
+}
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)'")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -79,7 +87,7 @@ def test_no_register_spills(compiled, name):
         elif (m := _SPILLS.search(line)) and kernel is not None:
             parsed += 1
             stores, loads = int(m.group(1)), int(m.group(2))
-            allowed = next((v for key, v in SPILL_ALLOWANCE.items() if key in kernel), (0, 0))
+            allowed = next((v for key, v in SPILL_ALLOWANCE.items() if re.search(key, kernel)), (0, 0))
             if stores > allowed[0] or loads > allowed[1]:
                 spills.append(f"{kernel}: {stores} bytes spill stores, {loads} bytes spill loads (allowed {allowed})")
     if name != "runtime.cu":  # the one file without kernels

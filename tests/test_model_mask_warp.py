@@ -44,3 +44,27 @@ def test_model_sends_ties_at_the_kth_place_to_the_exact_path():
     bits = weight.numpy().astype(np.float32).view(np.int32)
     cols, trips = select_row(bits[0], k)
     assert cols is None and trips.exact
+
+
+@pytest.mark.parametrize("d_in", [1280, 2560, 5120])
+def test_model_warm_start_selects_the_reference_top_k(d_in):
+    # A row's vectors in order, each search started from the previous one's guess: vectors whose
+    # scale jumps by 1e4 (the guess lands far above or below), repeats (the guess is exact) and
+    # ordinary ones. Every selection must be the reference's; the warm start must land at once for
+    # the ordinary vector that follows an ordinary one.
+    k = ref.topk_count(0.01, d_in)
+    weight = (torch.randn(3, d_in) * 0.02).half()
+    base = torch.exp(torch.randn(d_in) * 1.5) * 1e3
+    vectors = [base, base, base * 1e4, base * 1e-4, torch.exp(torch.randn(d_in) * 1.5) * 1e3, base * 3]
+    for r in range(3):
+        guess, reg_steps = -1, []
+        for sumsq in vectors:
+            scores = ref.wanda_scores(weight[r : r + 1], sumsq)
+            want = ref.topk_row_mask(scores, k)[0]
+            cols, trips = select_row(scores.numpy().view(np.int32)[0], k, guess=guess)
+            assert not trips.exact
+            assert cols.tolist() == torch.nonzero(want).flatten().tolist()
+            guess = trips.guess
+            reg_steps.append(trips.reg_steps)
+        assert reg_steps[1] == 0, "the same vector again: the warm start lands in the window at once"
+

@@ -18,6 +18,7 @@
 #include <tuple>
 
 #include "common.cuh"
+#include "mask_thread.h"
 #include "mask_warp.h"
 
 namespace memloc::cuda {
@@ -458,10 +459,11 @@ std::int64_t memorized_mask_max_d_in() { return kMaxCols; }
 void memorized_mask(const std::vector<MaskLayerArgs>& layers, std::uintptr_t stream, int device,
                     std::uintptr_t stats) {
   if (layers.empty()) return;
-  // Layers the warp kernel takes (mask_warp.cu: d_in a multiple of 8 up to 8192, k <= 96) go
-  // there; the rest to this block kernel, grouped so that layers of one dtype and block shape
-  // share a launch.
-  std::vector<const MaskLayerArgs*> warp_layers;
+  // Batched layers the thread kernel takes (mask_thread.cu: d_in a multiple of 256 up to 8192,
+  // k <= 64) go there; other layers the warp kernel takes (mask_warp.cu: d_in a multiple of 8 up
+  // to 8192, k <= 96) go there; the rest to this block kernel, grouped so that layers of one dtype
+  // and block shape share a launch.
+  std::vector<const MaskLayerArgs*> thread_layers, warp_layers;
   std::map<std::tuple<int, int, int>, std::vector<std::pair<const MaskLayerArgs*, Shape>>> groups;
   for (std::size_t i = 0; i < layers.size(); ++i) {
     const MaskLayerArgs& a = layers[i];
@@ -472,6 +474,10 @@ void memorized_mask(const std::vector<MaskLayerArgs>& layers, std::uintptr_t str
                    name + "d_out, d_in, S and T must be positive");
     MEMLOC_REQUIRE(a.k >= 1 && a.k <= a.d_in, name + "k must be in [1, d_in], got " + std::to_string(a.k));
     MEMLOC_REQUIRE(a.d_out < (1LL << 30) && a.S < (1LL << 30) && a.T < (1LL << 30), name + "sizes too large");
+    if (memorized_mask_thread_eligible(a)) {
+      thread_layers.push_back(&a);
+      continue;
+    }
     if (memorized_mask_warp_eligible(a)) {
       warp_layers.push_back(&a);
       continue;
@@ -479,6 +485,7 @@ void memorized_mask(const std::vector<MaskLayerArgs>& layers, std::uintptr_t str
     const Shape shape = choose_shape(a.d_in, a.k);
     groups[{a.dtype, shape.e, shape.n_warps}].push_back({&a, shape});
   }
+  memorized_mask_thread(thread_layers, stream, device, stats);
   memorized_mask_warp(warp_layers, stream, device, stats);
 
   DeviceGuard guard(device);

@@ -1,0 +1,490 @@
+// Shared by the memorized_mask kernels that solve one (row, vector) problem per warp or per thread
+// (mask_warp.cu, mask_thread.cu): raw 8-column loads, the reference's score bits, the warp kernel's
+// per-problem code (solve_problem, with its exact path), and host-side launch helpers.
+#pragma once
+
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "common.cuh"
+
+namespace memloc::cuda {
+namespace {
+
+constexpr int kCap = 128;  // listed blocks at most (kSlots per lane)
+constexpr int kSlots = kCap / 32;
+constexpr int kIntMax = 0x7fffffff;
+// Warm start: the first probe sits this many float32 bits (1/4 octave, a factor 0.84) below the
+// previous vector's k-th largest block maximum, so that typically 1.5 k block maxima reach it.
+constexpr int kWarmDrop = 1 << 21;
+
+// 8 consecutive weights as raw 16-byte words: one for f16/bf16, two for f32.
+template <typename T>
+struct Raw8 {
+  uint4 q[sizeof(T) / 2];
+};
+
+template <typename T>
+__device__ __forceinline__ std::uint32_t word_of(const Raw8<T>& r, int i) {
+  const uint4& q = r.q[i / 4];
+  switch (i % 4) {
+    case 0: return q.x;
+    case 1: return q.y;
+    case 2: return q.z;
+    default: return q.w;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float abs_elem(const Raw8<T>& r, int j);
+template <>
+__device__ __forceinline__ float abs_elem<__half>(const Raw8<__half>& r, int j) {
+  const std::uint32_t w = word_of(r, j / 2);
+  const unsigned short h = static_cast<unsigned short>((j & 1) ? (w >> 16) : (w & 0xffffu));
+  return fabsf(__half2float(__ushort_as_half(h)));
+}
+template <>
+__device__ __forceinline__ float abs_elem<__nv_bfloat16>(const Raw8<__nv_bfloat16>& r, int j) {
+  const std::uint32_t w = word_of(r, j / 2);
+  return fabsf(__uint_as_float((j & 1) ? (w & 0xffff0000u) : (w << 16)));
+}
+template <>
+__device__ __forceinline__ float abs_elem<float>(const Raw8<float>& r, int j) {
+  return fabsf(__uint_as_float(word_of(r, j)));
+}
+
+struct Norm8 {
+  float4 a, b;
+  __device__ __forceinline__ float operator[](int j) const {
+    const float4& h = j < 4 ? a : b;
+    switch (j % 4) {
+      case 0: return h.x;
+      case 1: return h.y;
+      case 2: return h.z;
+      default: return h.w;
+    }
+  }
+};
+
+__device__ __forceinline__ Norm8 load_norm8(const float* row, int block) {
+  const float4* p = reinterpret_cast<const float4*>(row) + 2 * block;
+  return Norm8{__ldg(p), __ldg(p + 1)};
+}
+
+// One warp's view of its weight row: global memory, or the copy in shared memory (kStage).
+template <typename T, bool kStage>
+struct RowSource {
+  const uint4* global;  // the row as 16-byte words
+  const uint4* shared;  // kStage: this warp's copy
+  __device__ __forceinline__ Raw8<T> load(int block) const {
+    constexpr int kQ = sizeof(T) / 2;
+    Raw8<T> r;
+#pragma unroll
+    for (int q = 0; q < kQ; ++q) r.q[q] = kStage ? shared[block * kQ + q] : __ldg(global + block * kQ + q);
+    return r;
+  }
+  // |W| of one column as float32
+  __device__ __forceinline__ float abs_at(int col) const {
+    const T* row = reinterpret_cast<const T*>(kStage ? shared : global);
+    return fabsf(to_float<T>(kStage ? row[col] : __ldg(row + col)));
+  }
+};
+
+// Score bits of the 8 columns of a block (the reference's float32 product).
+template <typename T>
+__device__ __forceinline__ void block_scores(const Raw8<T>& w, const Norm8& n, int (&s)[8]) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) s[j] = __float_as_int(__fmul_rn(abs_elem<T>(w, j), n[j]));
+}
+
+// Pass 1: the maximum score of each of the lane's blocks (-1 past the row). kFull: the row fills
+// all NC chunks (every SD/SDXL width), so the addresses are compile-time offsets and nothing is
+// clamped; else loads are clamped to a real block, so the pass is branch-free. (Only the clamped
+// form is used: both forms behind a run-time test saved 65 of 635 pass-1 instructions at NC = 20
+// but raised the staged kernels' spills several-fold, e.g. 24 -> 92 bytes; a kernel template
+// parameter would double the 24 instantiations.)
+template <typename T, int NC, bool kStage, bool kFull>
+__device__ __forceinline__ void block_maxima(const RowSource<T, kStage>& src, const float* nrow, int n_blocks,
+                                             int lane, int (&bm)[NC]) {
+#pragma unroll
+  for (int i = 0; i < NC; ++i) {
+    const int b = i * 32 + lane;
+    const int bc = kFull ? b : min(b, n_blocks - 1);
+    int s[8];
+    block_scores<T>(src.load(bc), load_norm8(nrow, bc), s);
+    int m = s[0];
+#pragma unroll
+    for (int j = 1; j < 8; ++j) m = max(m, s[j]);
+    bm[i] = kFull || b < n_blocks ? m : -1;
+  }
+}
+
+// a[j] for a run-time j without indexing the registers (which would move `a` to local memory).
+__device__ __forceinline__ int pick8(const int (&a)[8], int j) {
+  const bool b0 = j & 1, b1 = j & 2, b2 = j & 4;
+  const int x01 = b0 ? a[1] : a[0], x23 = b0 ? a[3] : a[2], x45 = b0 ? a[5] : a[4], x67 = b0 ? a[7] : a[6];
+  const int x03 = b1 ? x23 : x01, x47 = b1 ? x67 : x45;
+  return b2 ? x47 : x03;
+}
+
+__device__ __forceinline__ int warp_count(int local) { return static_cast<int>(__reduce_add_sync(kFullMask, local)); }
+
+// Exact top-k + null test + OR for one (row, vector), streaming the row once per bisection step.
+// Orders scores by their int32 bits with the sign flipped to unsigned order (so that any bits,
+// even of -0.0, have a place); equal scores at the k-th place go to the lower column.
+template <typename T, bool kStage>
+__device__ void exact_row(const RowSource<T, kStage>& src, const float* nrow, const float* zrow, std::uint32_t* out_row,
+                          int n_blocks, int k, int lane) {
+  auto key = [](int s) { return static_cast<std::uint32_t>(s) ^ 0x80000000u; };
+  std::uint32_t tau = 0u;  // the largest t with count(key >= t) >= k: the k-th largest key
+  for (int bit = 31; bit >= 0; --bit) {
+    const std::uint32_t probe = tau | (1u << bit);
+    int c = 0;
+    for (int b = lane; b < n_blocks; b += 32) {
+      int s[8];
+      block_scores<T>(src.load(b), load_norm8(nrow, b), s);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) c += key(s[j]) >= probe ? 1 : 0;
+    }
+    if (warp_count(c) >= k) tau = probe;
+  }
+  int gt = 0;
+  for (int b = lane; b < n_blocks; b += 32) {
+    int s[8];
+    block_scores<T>(src.load(b), load_norm8(nrow, b), s);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) gt += key(s[j]) > tau ? 1 : 0;
+  }
+  const int need = k - warp_count(gt);  // equal scores taken, lowest column first
+  int seen = 0;                         // equal scores in earlier chunks
+  for (int b0 = 0; b0 < n_blocks; b0 += 32) {
+    const int b = b0 + lane;
+    const bool real = b < n_blocks;
+    const int bc = real ? b : 0;
+    const Raw8<T> w = src.load(bc);
+    int s[8];
+    block_scores<T>(w, load_norm8(nrow, bc), s);
+    unsigned eq = 0u;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) eq |= (real && key(s[j]) == tau) ? (1u << j) : 0u;
+    const int mine = __popc(eq);
+    int incl = mine;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int t = __shfl_up_sync(kFullMask, incl, d);
+      if (lane >= d) incl += t;
+    }
+    const int before = seen + incl - mine;
+    seen += __shfl_sync(kFullMask, incl, 31);
+    if (!real) continue;
+    const Norm8 z = load_norm8(zrow, b);
+    std::uint32_t bits = 0u;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int rank = before + __popc(eq & ((1u << j) - 1u));
+      const bool top = key(s[j]) > tau || (((eq >> j) & 1u) && rank < need);
+      if (top && __int_as_float(s[j]) > __fmul_rn(abs_elem<T>(w, j), z[j])) bits |= 1u << j;
+    }
+    if (bits) atomicOr(out_row + (b >> 2), bits << ((b & 3) * 8));
+  }
+}
+
+// Shrinks the bracket (c_lo = count(lo) >= k > count(hi)) by halving it while more than
+// `stop` values reach lo and it holds a value between its ends.
+template <typename Count>
+__device__ __forceinline__ void shrink(Count&& count, int& lo, long long& hi, int& c_lo, int k, int stop) {
+  while (c_lo > stop && hi - lo > 1) {
+    const int mid = static_cast<int>(lo + (hi - lo) / 2);
+    const int c = count(mid);
+    if (c >= k) {
+      lo = mid;
+      c_lo = c;
+    } else {
+      hi = mid;
+    }
+  }
+}
+
+// Compact selection, after the list of the c_sel scores >= lo (columns in `cols`, scores in
+// `scores`, c_sel <= kCap): drop the smallest while more than k remain, then the null comparison
+// and one OR per column. False when equal scores straddle the k-th place (nothing written).
+template <typename T, bool kStage>
+__device__ __forceinline__ bool compact_finish(const RowSource<T, kStage>& src, const float* zrow,
+                                               std::uint32_t* out_row, const int* cols, const int* scores,
+                                               int c_sel, int k, int lo, int lane) {
+  int cs[kSlots], cc[kSlots];
+#pragma unroll
+  for (int q = 0; q < kSlots; ++q) {
+    const int slot = q * 32 + lane;
+    cs[q] = slot < c_sel ? scores[slot] : -1;
+    cc[q] = slot < c_sel ? cols[slot] : 0;
+  }
+  __syncwarp();  // read before the next vector rewrites them
+  int c = c_sel;
+  while (c > k) {
+    int m = kIntMax;
+#pragma unroll
+    for (int q = 0; q < kSlots; ++q) m = min(m, cs[q] >= lo ? cs[q] : kIntMax);
+    const int low = __reduce_min_sync(kFullMask, m);
+    int n_low = 0;
+#pragma unroll
+    for (int q = 0; q < kSlots; ++q) n_low += cs[q] == low ? 1 : 0;
+    n_low = warp_count(n_low);
+    if (c - n_low < k) return false;  // equal scores straddle the k-th place: the exact path orders them
+    lo = low + 1;
+    c -= n_low;
+  }
+#pragma unroll
+  for (int q = 0; q < kSlots; ++q) {
+    const int col = cc[q];
+    if (cs[q] >= lo && __int_as_float(cs[q]) > __fmul_rn(src.abs_at(col), __ldg(zrow + col)))
+      atomicOr(out_row + (col >> 5), 1u << (col & 31));
+  }
+  return true;
+}
+
+// One (row, vector) problem, steps 1-5 of the header. `guess`: the warm start, read and (when
+// `warm`) updated (-1: none). `stats`: the exact-path counter (may be null).
+template <typename T, int NC, bool kStage>
+__device__ __forceinline__ void solve_problem(bool warm, int* stats, const RowSource<T, kStage>& src,
+                                              const float* nrow, const float* zrow, std::uint32_t* out_row,
+                                              int n_blocks, int k, int* list, int* scores, int lane, int& guess) {
+  // 1. block maxima
+  int bm[NC];
+  block_maxima<T, NC, kStage, false>(src, nrow, n_blocks, lane, bm);
+  auto count_bm = [&](int t) {
+    int c = 0;
+#pragma unroll
+    for (int i = 0; i < NC; ++i) c += bm[i] >= t ? 1 : 0;
+    return warp_count(c);
+  };
+
+  // 2. a bound lo reached by k to kCap block maxima: from the warm guess (a little below the
+  //    previous vector's k-th largest block maximum), else 8 octaves below the top
+  int lmax = bm[0];
+#pragma unroll
+  for (int i = 1; i < NC; ++i) lmax = max(lmax, bm[i]);
+  const int top = __reduce_max_sync(kFullMask, lmax);
+  long long hi = static_cast<long long>(top) + 1;  // count(>= hi) == 0 < k (NaN bits are INT_MAX)
+  int lo = 0, c_lo = 0;
+  bool started = false;
+  if (guess >= 0) {
+    const int t = max(guess - kWarmDrop, 0);
+    const int c = t < hi ? count_bm(t) : 0;
+    if (c >= k) {
+      lo = t;
+      c_lo = c;
+      started = true;
+    } else if (t < hi) {
+      hi = t;
+    }
+  }
+  if (!started) {
+    lo = max(static_cast<int>(hi - 1) - (8 << 23), 0);
+    c_lo = count_bm(lo);
+    if (c_lo < k) {
+      hi = max(lo, 1);
+      lo = 0;
+      c_lo = count_bm(0);
+    }
+  }
+  bool fast = c_lo >= k;
+  if (fast) shrink(count_bm, lo, hi, c_lo, k, kCap);
+  fast = fast && c_lo <= kCap;
+
+  if (fast) {
+    // 3. list the blocks reaching lo (lane-major), gather their scores
+    unsigned hits = 0u;
+#pragma unroll
+    for (int i = 0; i < NC; ++i) hits |= (bm[i] >= lo ? 1u : 0u) << i;
+    const int mine = __popc(hits);
+    int incl = mine;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int t = __shfl_up_sync(kFullMask, incl, d);
+      if (lane >= d) incl += t;
+    }
+    int pos = incl - mine;
+    while (hits) {
+      const int i = __ffs(hits) - 1;
+      hits &= hits - 1u;
+      list[pos++] = i * 32 + lane;
+    }
+    __syncwarp();
+    const int n_listed = c_lo;
+    int blk[kSlots];
+    int sc[kSlots][8];
+    int bmx[kSlots];
+#pragma unroll
+    for (int q = 0; q < kSlots; ++q) {
+      const int slot = q * 32 + lane;
+      blk[q] = -1;
+      bmx[q] = -1;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) sc[q][j] = -1;
+      if (q * 32 < n_listed) {  // warp-uniform: skip slot groups nobody holds
+        blk[q] = slot < n_listed ? list[slot] : -1;
+        const int bc = max(blk[q], 0);
+        int s[8];
+        block_scores<T>(src.load(bc), load_norm8(nrow, bc), s);
+        int m = -1;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          sc[q][j] = blk[q] >= 0 ? s[j] : -1;
+          m = max(m, sc[q][j]);
+        }
+        bmx[q] = m;
+      }
+    }
+    __syncwarp();  // the list is read before the next vector rewrites it
+
+    // 4a. lo = the k-th largest listed block maximum
+    auto count_bmx = [&](int t) {
+      int c = 0;
+#pragma unroll
+      for (int q = 0; q < kSlots; ++q) c += bmx[q] >= t ? 1 : 0;
+      return warp_count(c);
+    };
+    shrink(count_bmx, lo, hi, c_lo, k, k);
+    if (c_lo == k) {  // exactly k blocks reach lo: raise it to the least of their maxima
+      int m = kIntMax;
+#pragma unroll
+      for (int q = 0; q < kSlots; ++q) m = min(m, bmx[q] >= lo ? bmx[q] : kIntMax);
+      lo = __reduce_min_sync(kFullMask, m);
+    }
+    if (warm) guess = lo;
+
+    // 4b-5. the scores >= lo (k and typically a few more) are listed in shared memory with their
+    // columns, at most kSlots per lane; then compact_finish. More than kCap such scores: the
+    // register drop loop below.
+    unsigned sel[kSlots];
+    int n_sel = 0;
+#pragma unroll
+    for (int q = 0; q < kSlots; ++q) {
+      sel[q] = 0u;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) sel[q] |= (sc[q][j] >= lo ? 1u : 0u) << j;
+      n_sel += __popc(sel[q]);
+    }
+    int upto = n_sel;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int t = __shfl_up_sync(kFullMask, upto, d);
+      if (lane >= d) upto += t;
+    }
+    const int c_sel = __shfl_sync(kFullMask, upto, 31);
+    if (c_sel <= kCap) {
+      int at = upto - n_sel;
+#pragma unroll
+      for (int q = 0; q < kSlots; ++q) {
+        unsigned m = sel[q];
+        while (m) {
+          const int j = __ffs(m) - 1;
+          m &= m - 1u;
+          list[at] = blk[q] * 8 + j;
+          scores[at] = pick8(sc[q], j);
+          ++at;
+        }
+      }
+      __syncwarp();
+      if (compact_finish<T, kStage>(src, zrow, out_row, list, scores, c_sel, k, lo, lane)) return;
+      if (lane == 0 && stats) atomicAdd(stats, 1);
+      exact_row<T, kStage>(src, nrow, zrow, out_row, n_blocks, k, lane);
+      return;
+    } else {
+      // 4b, fallback: drop the smallest gathered scores >= lo while more than k remain. (c_s is
+      // recounted although it equals c_sel, and the exact path above is a copy of the one at the
+      // end: in this form ptxas (nvcc 13.0) spills least, e.g. 36 / 40 bytes instead of 52 / 64
+      // for f16 at NC = 20 staged.)
+      auto count_sc = [&](int t) {
+        int c = 0;
+#pragma unroll
+        for (int q = 0; q < kSlots; ++q)
+#pragma unroll
+          for (int j = 0; j < 8; ++j) c += sc[q][j] >= t ? 1 : 0;
+        return warp_count(c);
+      };
+      int c_s = count_sc(lo);
+      bool tie = false;
+      while (c_s > k) {
+        int m = kIntMax;
+#pragma unroll
+        for (int q = 0; q < kSlots; ++q)
+#pragma unroll
+          for (int j = 0; j < 8; ++j) m = min(m, sc[q][j] >= lo ? sc[q][j] : kIntMax);
+        const int low = __reduce_min_sync(kFullMask, m);
+        int n_low = 0;
+#pragma unroll
+        for (int q = 0; q < kSlots; ++q)
+#pragma unroll
+          for (int j = 0; j < 8; ++j) n_low += sc[q][j] == low ? 1 : 0;
+        n_low = warp_count(n_low);
+        if (c_s - n_low >= k) {
+          lo = low + 1;
+          c_s -= n_low;
+        } else {
+          tie = true;  // equal scores straddle the k-th place: the exact path orders them by column
+          break;
+        }
+      }
+      if (!tie) {
+        // 5. the k scores >= lo: null comparison, then one OR per block
+#pragma unroll
+        for (int q = 0; q < kSlots; ++q) {
+          if (q * 32 < n_listed && blk[q] >= 0) {
+            const int b = blk[q];
+            std::uint32_t bits = 0u;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) bits |= sc[q][j] >= lo ? (1u << j) : 0u;
+            if (bits) {
+              const Raw8<T> w = src.load(b);
+              const Norm8 z = load_norm8(zrow, b);
+#pragma unroll
+              for (int j = 0; j < 8; ++j) {
+                if (!(__int_as_float(sc[q][j]) > __fmul_rn(abs_elem<T>(w, j), z[j]))) bits &= ~(1u << j);
+              }
+              if (bits) atomicOr(out_row + (b >> 2), bits << ((b & 3) * 8));
+            }
+          }
+        }
+        return;
+      }
+    }
+  }
+  if (lane == 0 && stats) atomicAdd(stats, 1);
+  exact_row<T, kStage>(src, nrow, zrow, out_row, n_blocks, k, lane);
+}
+
+inline int element_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+
+// Chunks of 256 columns per row, rounded up to a compiled size.
+inline int chunks_for(std::int64_t d_in) {
+  const std::int64_t need = ceil_div(d_in, 256);
+  for (int nc : {5, 10, 20, 32})
+    if (need <= nc) return nc;
+  return 0;
+}
+
+inline bool aligned16(std::uintptr_t p) { return p % 16 == 0; }
+
+// Resident blocks per SM (cached); raises the dynamic shared memory limit once per kernel.
+inline int blocks_per_sm(const void* kernel, int warps, int smem, int device) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int, int>, int> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(kernel, warps, smem, device);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    if (smem > 48 * 1024)
+      MEMLOC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    int per_sm = 0;
+    MEMLOC_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, warps * 32, smem));
+    it = cache.emplace(key, std::max(per_sm, 1)).first;
+  }
+  return it->second;
+}
+
+}  // namespace
+}  // namespace memloc::cuda
