@@ -1,8 +1,8 @@
 """The CUDA thread kernel of memorized_mask (csrc/cuda/mask_thread.cu) vs the reference: identical masks.
 
 ``MEMLOC_CUDA_MASK=thread`` sends every layer it can take (d_in a multiple of 256 up to 8192, k <= 64)
-to it, whatever the number of norm vectors; unset, it takes batched calls (16 or more vectors per
-layer). GPU only: every test skips (or fails under MEMLOC_REQUIRE_CUDA_BACKEND=1) elsewhere.
+to it, whatever the number of norm vectors; unset, it takes nothing (the warp kernel was faster on
+an H100: BENCHMARKS.md, tenth session). GPU only: every test skips (or fails under MEMLOC_REQUIRE_CUDA_BACKEND=1) elsewhere.
 """
 
 from __future__ import annotations
@@ -106,8 +106,8 @@ def test_thread_kernel_many_vectors_few_rows(cuda, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_default_takes_thread_kernel_for_batched_sd15(cuda, monkeypatch):
-    # MEMLOC_CUDA_MASK unset: 2 x 10 vectors per layer is batched (the thread kernel), one vector is not
+def test_default_matches_reference_batched_and_single_sd15(cuda, monkeypatch):
+    # MEMLOC_CUDA_MASK unset: the backend's default kernels, batched (2 x 10 vectors) and single
     monkeypatch.delenv("MEMLOC_CUDA_MASK", raising=False)
     weights = [(torch.randn(d_out, d_in) * 0.02).half().to(cuda) for d_out, d_in in SD15_LAYERS]
     for lead in ((2, 10), (1, 1)):

@@ -49,7 +49,6 @@ constexpr int kRaiseTo = kListLen - 3 * kGroup;  // a raise leaves at most this 
 constexpr int kMaxK = 64;
 constexpr int kBatch = 4;                // global loads in flight per thread after the pass
 constexpr int kMaxLayersT = 48;
-constexpr int kAutoMinVectors = 16;       // MEMLOC_CUDA_MASK unset: batched calls only
 // Warm start: g starts this many float32 bits below the previous beta (half an octave; a quarter
 // for k >= 32, whose k-th order statistics move less), doubled after each miss, up to 4 octaves
 // (benchmarks/model_mask_thread.py: the fewest list scans for few misses on the benchmark data).
@@ -424,9 +423,10 @@ int thread_smem_bytes(DType dtype) {
 }  // namespace
 
 bool memorized_mask_thread_eligible(const MaskLayerArgs& a) {
-  const char* env = std::getenv("MEMLOC_CUDA_MASK");  // read per call: tests and benchmarks switch it
-  const bool unset = env == nullptr || env[0] == '\0';
-  const bool use = unset ? a.S * a.T >= kAutoMinVectors : std::strcmp(env, "thread") == 0;
+  // Opt-in only (MEMLOC_CUDA_MASK=thread, read per call): on an H100 it took 57.5 us per vector on
+  // SD1.5's 16 layers x 1000 vectors against the warp kernel's 33.0 us (BENCHMARKS.md, tenth session).
+  const char* env = std::getenv("MEMLOC_CUDA_MASK");
+  const bool use = env != nullptr && std::strcmp(env, "thread") == 0;
   return use && a.d_in % 256 == 0 && a.d_in <= 8192 && a.k <= kMaxK && a.k <= a.d_in / 8 && a.dtype >= 0 &&
          a.dtype <= static_cast<int>(DType::kFloat32) && aligned16(a.weight) && aligned16(a.norms) &&
          aligned16(a.null_norms) && a.S * a.T < (1LL << 31);
