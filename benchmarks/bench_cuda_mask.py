@@ -27,7 +27,7 @@ from bench_gpu_ops import bench  # noqa: E402
 
 ROWS: list[dict] = []
 # (label, backend, environment): MEMLOC_CUDA_MASK=thread|warp|block picks the CUDA kernel (unset:
-# the backend's default, the thread kernel for batched layers it takes, else the warp kernel);
+# the backend's default, the warp kernel where it applies);
 # MEMLOC_CUDA_MASK_WARPS sets the warp kernel's rows per block (default 4);
 # MEMLOC_CUDA_MASK_WARM=0 turns its warm start off;
 # MEMLOC_CUDA_MASK_STREAMS=0 keeps its width groups' launches on the caller's stream.

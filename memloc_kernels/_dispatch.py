@@ -24,8 +24,8 @@ BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
 
 # Per op and device type, the order in which "auto" tries backends. For CUDA tensors this is the
 # ranking measured on an H200 (BENCHMARKS.md, "GPU backends side by side"), and for memorized_mask
-# on an H100 (fifth session, commit 1cceae4; cuda = its warp kernel, mask_warp.cu):
-#   memorized_mask  SD1.5 x1: cuda 79.1 us, triton 123.6 us; batched: cuda 38.5, triton 95.7 us/vector
+# on an H100 (tenth session, commit 1c01674; cuda = its warp kernel, mask_warp.cu):
+#   memorized_mask  SD1.5 x1: cuda 63.5 us, triton 124.0 us; batched: cuda 33.0, triton 96.3 us/vector
 #                   (the block kernel it replaced for these layers: 187.1 / 149.9 us); layers the
 #                   warp kernel does not take go to Triton under "auto" (select_memorized_mask)
 #   mask_iou (mask_intersections) 1000 SD1.5 masks: cuda 0.24 s, triton 0.65 s (popcount kernel)

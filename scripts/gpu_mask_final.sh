@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One device call for memorized_mask's CUDA kernels after the eighth session's consolidation: build
-# with CUDA, the thread kernel's tests (new, never run on a GPU: first, under THREAD_TESTS_S), then
+# with CUDA, the thread kernel's tests (first, under THREAD_TESTS_S), then
 # bench_cuda_mask.py --quick over the providers with the reference in the same run (extend
 # PROVIDERS to add one), then the CUDA backend's memorized_mask / warp tests with the time left of a
 # TOTAL_S budget, then (NCU_S > 0) Nsight Compute on the
 # thread kernel for up to NCU_S more seconds, then a summary.
-# Run from the repository root; everything goes to $OUT. About 9 minutes on an H100.
+# Run from the repository root; everything goes to $OUT. About 6 minutes on an H100 (first run of a
+# fresh machine; 70 s once its caches are warm).
 set -uo pipefail
 OUT="${OUT:-$PWD/out/gpu_mask_final}"
 mkdir -p "$OUT"

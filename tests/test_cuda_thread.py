@@ -2,7 +2,8 @@
 
 ``MEMLOC_CUDA_MASK=thread`` sends every layer it can take (d_in a multiple of 256 up to 8192, k <= 64)
 to it, whatever the number of norm vectors; unset, it takes nothing (the warp kernel was faster on
-an H100: BENCHMARKS.md, tenth session). GPU only: every test skips (or fails under MEMLOC_REQUIRE_CUDA_BACKEND=1) elsewhere.
+an H100: BENCHMARKS.md, tenth session). GPU only: every test skips (or fails under
+MEMLOC_REQUIRE_CUDA_BACKEND=1) elsewhere.
 """
 
 from __future__ import annotations

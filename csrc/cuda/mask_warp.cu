@@ -50,7 +50,7 @@ namespace memloc::cuda {
 namespace {
 
 constexpr int kWarps = 8;            // warps (rows) per block at most: they share each norm row in L1
-constexpr int kDefaultWarps = 4;     // H100, SD1.5: 79.1 us with 4, 81.5 with 8 (BENCHMARKS.md)
+constexpr int kDefaultWarps = 4;     // H100, SD1.5: 63.5 us with 4, 64.8 with 8 (BENCHMARKS.md)
 constexpr int kMaxLayers = 48;
 constexpr int kMaxStageBytes = 96 * 1024;
 // Whether eligible layers take this kernel when MEMLOC_CUDA_MASK is unset ("warp": yes, "block": no).

@@ -459,10 +459,10 @@ std::int64_t memorized_mask_max_d_in() { return kMaxCols; }
 void memorized_mask(const std::vector<MaskLayerArgs>& layers, std::uintptr_t stream, int device,
                     std::uintptr_t stats) {
   if (layers.empty()) return;
-  // Batched layers the thread kernel takes (mask_thread.cu: d_in a multiple of 256 up to 8192,
-  // k <= 64) go there; other layers the warp kernel takes (mask_warp.cu: d_in a multiple of 8 up
-  // to 8192, k <= 96) go there; the rest to this block kernel, grouped so that layers of one dtype
-  // and block shape share a launch.
+  // Under MEMLOC_CUDA_MASK=thread, layers the thread kernel takes (mask_thread.cu: d_in a multiple
+  // of 256 up to 8192, k <= 64) go there; other layers the warp kernel takes (mask_warp.cu: d_in a
+  // multiple of 8 up to 8192, k <= 96) go there; the rest to this block kernel, grouped so that
+  // layers of one dtype and block shape share a launch.
   std::vector<const MaskLayerArgs*> thread_layers, warp_layers;
   std::map<std::tuple<int, int, int>, std::vector<std::pair<const MaskLayerArgs*, Shape>>> groups;
   for (std::size_t i = 0; i < layers.size(); ++i) {
