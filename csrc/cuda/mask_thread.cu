@@ -427,9 +427,7 @@ bool memorized_mask_thread_eligible(const MaskLayerArgs& a) {
   // SD1.5's 16 layers x 1000 vectors against the warp kernel's 33.0 us (BENCHMARKS.md, tenth session).
   const char* env = std::getenv("MEMLOC_CUDA_MASK");
   const bool use = env != nullptr && std::strcmp(env, "thread") == 0;
-  return use && a.d_in % 256 == 0 && a.d_in <= 8192 && a.k <= kMaxK && a.k <= a.d_in / 8 && a.dtype >= 0 &&
-         a.dtype <= static_cast<int>(DType::kFloat32) && aligned16(a.weight) && aligned16(a.norms) &&
-         aligned16(a.null_norms) && a.S * a.T < (1LL << 31);
+  return use && a.d_in % 256 == 0 && a.d_in <= 8192 && a.k <= kMaxK && vector_kernel_args_ok(a);
 }
 
 void memorized_mask_thread(const std::vector<const MaskLayerArgs*>& layers, std::uintptr_t stream, int device,

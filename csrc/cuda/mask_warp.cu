@@ -191,9 +191,7 @@ SideStreams& side_streams(int device) {
 bool memorized_mask_warp_eligible(const MaskLayerArgs& a) {
   const char* env = std::getenv("MEMLOC_CUDA_MASK");  // read per call: tests and benchmarks switch it
   const bool use = env == nullptr || env[0] == '\0' ? kWarpByDefault : std::strcmp(env, "block") != 0;
-  return use && a.d_in % 8 == 0 && chunks_for(a.d_in) > 0 && a.k <= kCap - 32 && a.k <= a.d_in / 8 &&
-         a.dtype >= 0 && a.dtype <= static_cast<int>(DType::kFloat32) && aligned16(a.weight) && aligned16(a.norms) &&
-         aligned16(a.null_norms) && a.S * a.T < (1LL << 31);
+  return use && a.d_in % 8 == 0 && chunks_for(a.d_in) > 0 && a.k <= kCap - 32 && vector_kernel_args_ok(a);
 }
 
 void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::uintptr_t stream, int device,

@@ -467,7 +467,13 @@ inline int chunks_for(std::int64_t d_in) {
   return 0;
 }
 
-inline bool aligned16(std::uintptr_t p) { return p % 16 == 0; }
+// What the warp and thread kernels both need of a layer: a weight dtype they load (f16, bf16, f32),
+// 16-byte aligned rows of weights and norms, k at most one per 8-column block, an int vector index.
+inline bool vector_kernel_args_ok(const MaskLayerArgs& a) {
+  const auto aligned16 = [](std::uintptr_t p) { return p % 16 == 0; };
+  return a.k <= a.d_in / 8 && a.dtype >= 0 && a.dtype <= static_cast<int>(DType::kFloat32) && aligned16(a.weight) &&
+         aligned16(a.norms) && aligned16(a.null_norms) && a.S * a.T < (1LL << 31);
+}
 
 // Resident blocks per SM (cached); raises the dynamic shared memory limit once per kernel.
 inline int blocks_per_sm(const void* kernel, int warps, int smem, int device) {
