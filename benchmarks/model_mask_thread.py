@@ -54,6 +54,12 @@ def _bisect(vals: list[int], lo: int, hi: int, c_lo: int, k: int, stop: int) -> 
     return lo, hi, c_lo, steps
 
 
+def _split(vals: list[int], t: int, lo: int, hi: int, c_lo: int, k: int) -> tuple[int, int, int]:
+    """One probe of the bracket [lo, hi) at t (lo < t < hi): lo = t when k values reach it, else hi = t."""
+    c = sum(v >= t for v in vals)
+    return (t, hi, c) if c >= k else (lo, t, c_lo)
+
+
 def first_drop(k: int) -> int:
     """The warm-start margin a thread starts with."""
     return DROP_WIDE_K if k >= 32 else DROP0
@@ -82,11 +88,7 @@ def select_row(bits: np.ndarray, k: int, guess: int = -1, drop: int | None = Non
                 deep = max(hi - 1 - OCTAVES8, 0)
                 if deep > lo:
                     steps += 1
-                    cd = sum(v >= deep for v in vals)
-                    if cd >= k:
-                        lo, c_lo = deep, cd
-                    else:
-                        hi = deep
+                    lo, hi, c_lo = _split(vals, deep, lo, hi, c_lo, k)
                 lo, hi, c_lo, s = _bisect(vals, lo, hi, c_lo, k, RAISE_TO)
                 steps += s
                 if c_lo > LIST - 2 * GROUP:
@@ -107,11 +109,7 @@ def select_row(bits: np.ndarray, k: int, guess: int = -1, drop: int | None = Non
     lo, c_lo, hi = g, listed, max(vals) + 1
     if lo < guess < hi:
         steps += 1
-        cg = sum(v >= guess for v in vals)
-        if cg >= k:
-            lo, c_lo = guess, cg
-        else:
-            hi = guess
+        lo, hi, c_lo = _split(vals, guess, lo, hi, c_lo, k)
     lo, hi, c_lo, s = _bisect(vals, lo, hi, c_lo, k, k)
     steps += s
     beta = min(v for v in vals if v >= lo) if c_lo == k else lo

@@ -3,8 +3,8 @@
 # with CUDA, the thread kernel's tests (first, under THREAD_TESTS_S), then
 # bench_cuda_mask.py --quick over the providers with the reference in the same run (extend
 # PROVIDERS to add one), then the CUDA backend's memorized_mask / warp tests with the time left of a
-# TOTAL_S budget, then (NCU_S > 0) Nsight Compute on the
-# thread kernel for up to NCU_S more seconds, then a summary.
+# TOTAL_S budget, then (NCU_S > 0) Nsight Compute on the warp kernel (the default;
+# benchmarks/ncu_cuda_mask.py) for up to NCU_S more seconds, then a summary.
 # Run from the repository root; everything goes to $OUT. About 6 minutes on an H100 (first run of a
 # fresh machine; 70 s once its caches are warm).
 set -uo pipefail
@@ -32,7 +32,7 @@ else
 fi
 left=$((TOTAL_S + ${NCU_S:-0} - SECONDS))
 if [ "${NCU_S:-0}" -gt 0 ] && command -v ncu > /dev/null && [ "$left" -gt 60 ]; then
-    timeout "$left" ncu --clock-control none --profile-from-start off --kernel-name regex:mask_thread \
+    timeout "$left" ncu --clock-control none --profile-from-start off --kernel-name regex:mask_warp \
         --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
         --section LaunchStats --section MemoryWorkloadAnalysis --section InstructionStats \
         python benchmarks/ncu_cuda_mask.py > "$OUT/ncu.txt" 2>&1

@@ -82,6 +82,16 @@ __device__ __forceinline__ double to_acc<double, double>(double x) { return x; }
 
 __device__ __forceinline__ unsigned lanemask_lt(int lane) { return (1u << lane) - 1u; }
 
+// Inclusive sum of one int per lane over the (full) warp.
+__device__ __forceinline__ int warp_inclusive_sum(int value, int lane) {
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const int other = __shfl_up_sync(kFullMask, value, d);
+    if (lane >= d) value += other;
+  }
+  return value;
+}
+
 // The fields every memorized_mask launcher copies from MaskLayerArgs into its kernel's layer table
 // (pointers, d_out, d_in, k, T); each adds its own (row or item offsets, S, spans).
 template <typename Layer>

@@ -57,20 +57,8 @@ constexpr int kDropWideK = 1 << 21;
 constexpr int kDropMax = 1 << 25;
 static_assert(kRaiseTo >= kMaxK + 8, "a raise must leave room above k");
 
-struct TLayer {
-  const void* weight;
-  const float* norms;
-  const float* null_norms;
-  std::uint32_t* out;
-  int d_out, d_in, k, T;
-  int n_vec;       // S * T norm vectors
-  int span;        // vectors per work item (a multiple of kTW)
-  int n_spans;     // work items per 32 rows
-  int item_begin;  // first work item (block) of this layer in the launch
-};
-
 struct TLaunch {
-  TLayer layers[kMaxLayersT];
+  VecLayer layers[kMaxLayersT];  // span: a multiple of kTW
   int n_layers;
   int* stats;  // problems left to the warp path (may be null)
 };
@@ -162,7 +150,7 @@ __global__ void __launch_bounds__(kThreads, 2) mask_thread_kernel(const __grid_c
   const int item_id = static_cast<int>(blockIdx.x);
   int li = 0;
   while (li + 1 < launch.n_layers && item_id >= launch.layers[li + 1].item_begin) ++li;
-  const TLayer& ly = launch.layers[li];
+  const VecLayer& ly = launch.layers[li];
   const int item = item_id - ly.item_begin;
   const int row0 = (item / ly.n_spans) * 32;
   const int row = row0 + lane;
@@ -458,7 +446,7 @@ void memorized_mask_thread(const std::vector<const MaskLayerArgs*>& layers, std:
       std::int64_t items = 0;
       for (std::size_t i = first; i < last; ++i) {
         const MaskLayerArgs& a = *members[i];
-        TLayer& l = launch.layers[i - first];
+        VecLayer& l = launch.layers[i - first];
         fill_mask_layer(l, a);
         l.n_vec = static_cast<int>(a.S * a.T);
         l.span = static_cast<int>(ceil_div(ceil_div(l.n_vec, std::min<std::int64_t>(pieces, l.n_vec)), kTW) * kTW);

@@ -56,20 +56,8 @@ constexpr int kMaxStageBytes = 96 * 1024;
 // Whether eligible layers take this kernel when MEMLOC_CUDA_MASK is unset ("warp": yes, "block": no).
 constexpr bool kWarpByDefault = true;
 
-struct WLayer {
-  const void* weight;
-  const float* norms;
-  const float* null_norms;
-  std::uint32_t* out;
-  int d_out, d_in, k, T;
-  int n_vec;       // S * T norm vectors
-  int span;        // vectors per work item
-  int n_spans;     // work items per group of `warps` rows
-  int item_begin;  // first work item (block) of this layer in the launch
-};
-
 struct WLaunch {
-  WLayer layers[kMaxLayers];
+  VecLayer layers[kMaxLayers];
   int n_layers;
   int warps;   // rows per block (blockDim.x / 32), at most kWarps
   int* stats;  // problems that took the exact path (may be null)
@@ -88,7 +76,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_
   const int item_id = static_cast<int>(blockIdx.x);
   int li = 0;
   while (li + 1 < launch.n_layers && item_id >= launch.layers[li + 1].item_begin) ++li;
-  const WLayer& ly = launch.layers[li];
+  const VecLayer& ly = launch.layers[li];
   const int item = item_id - ly.item_begin;
   const int row = (item / ly.n_spans) * launch.warps + warp;
   if (row >= ly.d_out) return;  // no block-wide barrier below: each warp works alone
@@ -243,7 +231,7 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
       std::int64_t items = 0;
       for (std::size_t i = first; i < last; ++i) {
         const MaskLayerArgs& a = *members[i];
-        WLayer& l = launch.layers[i - first];
+        VecLayer& l = launch.layers[i - first];
         fill_mask_layer(l, a);
         l.n_vec = static_cast<int>(a.S * a.T);
         l.span = static_cast<int>(ceil_div(l.n_vec, std::min<std::int64_t>(pieces, l.n_vec)));

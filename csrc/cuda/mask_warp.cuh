@@ -20,6 +20,20 @@ constexpr int kIntMax = 0x7fffffff;
 // previous vector's k-th largest block maximum, so that typically 1.5 k block maxima reach it.
 constexpr int kWarmDrop = 1 << 21;
 
+// One layer of a launch's table: a block (work item) takes a group of rows (the warp kernel's
+// `warps`, the thread kernel's 32) and a span of the layer's norm vectors.
+struct VecLayer {
+  const void* weight;
+  const float* norms;
+  const float* null_norms;
+  std::uint32_t* out;
+  int d_out, d_in, k, T;
+  int n_vec;       // S * T norm vectors
+  int span;        // vectors per work item
+  int n_spans;     // work items per group of rows
+  int item_begin;  // first work item (block) of this layer in the launch
+};
+
 // 8 consecutive weights as raw 16-byte words: one for f16/bf16, two for f32.
 template <typename T>
 struct Raw8 {
@@ -170,12 +184,7 @@ __device__ void exact_row(const RowSource<T, kStage>& src, const float* nrow, co
 #pragma unroll
     for (int j = 0; j < 8; ++j) eq |= (real && key(s[j]) == tau) ? (1u << j) : 0u;
     const int mine = __popc(eq);
-    int incl = mine;
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-      const int t = __shfl_up_sync(kFullMask, incl, d);
-      if (lane >= d) incl += t;
-    }
+    const int incl = warp_inclusive_sum(mine, lane);
     const int before = seen + incl - mine;
     seen += __shfl_sync(kFullMask, incl, 31);
     if (!real) continue;
@@ -300,12 +309,7 @@ __device__ __forceinline__ void solve_problem(bool warm, int* stats, const RowSo
 #pragma unroll
     for (int i = 0; i < NC; ++i) hits |= (bm[i] >= lo ? 1u : 0u) << i;
     const int mine = __popc(hits);
-    int incl = mine;
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-      const int t = __shfl_up_sync(kFullMask, incl, d);
-      if (lane >= d) incl += t;
-    }
+    const int incl = warp_inclusive_sum(mine, lane);
     int pos = incl - mine;
     while (hits) {
       const int i = __ffs(hits) - 1;
@@ -368,12 +372,7 @@ __device__ __forceinline__ void solve_problem(bool warm, int* stats, const RowSo
       for (int j = 0; j < 8; ++j) sel[q] |= (sc[q][j] >= lo ? 1u : 0u) << j;
       n_sel += __popc(sel[q]);
     }
-    int upto = n_sel;
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-      const int t = __shfl_up_sync(kFullMask, upto, d);
-      if (lane >= d) upto += t;
-    }
+    const int upto = warp_inclusive_sum(n_sel, lane);
     const int c_sel = __shfl_sync(kFullMask, upto, 31);
     if (c_sel <= kCap) {
       int at = upto - n_sel;

@@ -215,12 +215,7 @@ __device__ __forceinline__ void select_row(const LaneRow<E>& lr, const T* wrow, 
     // Compaction: one shared atomic per warp; each lane then writes its own candidates.
     std::uint32_t mine = lr.at_least(tau0, row_norms);
     const int n_mine = __popc(mine);
-    int before = n_mine;  // inclusive warp scan of the candidate counts
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-      const int other = __shfl_up_sync(kFullMask, before, d);
-      if (lane >= d) before += other;
-    }
+    const int before = warp_inclusive_sum(n_mine, lane);  // of the candidate counts
     const int warp_total = __shfl_sync(kFullMask, before, 31);
     int base = 0;
     if (lane == 31 && warp_total > 0) base = atomicAdd(s_count, warp_total);

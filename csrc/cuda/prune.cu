@@ -17,12 +17,7 @@ constexpr int kThreads = 128;
 __device__ __forceinline__ int block_exclusive_scan(int value, int* s_warp, int& total) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  int inclusive = value;
-#pragma unroll
-  for (int d = 1; d < 32; d <<= 1) {
-    const int other = __shfl_up_sync(kFullMask, inclusive, d);
-    if (lane >= d) inclusive += other;
-  }
+  const int inclusive = warp_inclusive_sum(value, lane);
   if (lane == 31) s_warp[warp] = inclusive;
   __syncthreads();
   int warp_offset = 0;
