@@ -378,7 +378,7 @@ def test_memorized_masks_warp_kernel_mixed_dtypes_side_streams(cuda, monkeypatch
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("pipe", ["1", "0"], ids=["pipelined", "not-pipelined"])
-@pytest.mark.parametrize("blocks", ["1", "3", "", "items2"], ids=["grid1", "grid3", "grid-resident", "2-items"])
+@pytest.mark.parametrize("blocks", ["1", "3", ""], ids=["grid1", "grid3", "grid-resident"])
 @pytest.mark.parametrize("warps", ["1", "4", "8"])
 def test_memorized_masks_warp_kernel_pipelined_single_vectors(cuda, monkeypatch, warps, blocks, pipe):
     # Single vectors take the pipelined kernel: a warp walks its rows one work item after another and
@@ -386,14 +386,10 @@ def test_memorized_masks_warp_kernel_pipelined_single_vectors(cuda, monkeypatch,
     # a grid of 1 or 3 blocks (MEMLOC_CUDA_MASK_PIPE_BLOCKS) every warp walks hundreds of rows across
     # the layers of its launch, including items where it has no row (d_out not a multiple of the
     # rows per block) and rows that take the exact path (all-zero rows, rows 1000x larger); every
-    # chunk class and dtype; also 2 items per block (MEMLOC_CUDA_MASK_PIPE_ITEMS=2).
-    # MEMLOC_CUDA_MASK_PIPE=0: the unpipelined kernel on the same inputs.
+    # chunk class and dtype. MEMLOC_CUDA_MASK_PIPE=0: the unpipelined kernel on the same inputs.
     monkeypatch.setenv("MEMLOC_CUDA_MASK", "warp")
     monkeypatch.setenv("MEMLOC_CUDA_MASK_WARPS", warps)
-    if blocks == "items2":  # a grid of ceil(items / 2) blocks, 2 items each
-        monkeypatch.setenv("MEMLOC_CUDA_MASK_PIPE_ITEMS", "2")
-    else:
-        monkeypatch.setenv("MEMLOC_CUDA_MASK_PIPE_BLOCKS", blocks)
+    monkeypatch.setenv("MEMLOC_CUDA_MASK_PIPE_BLOCKS", blocks)
     monkeypatch.setenv("MEMLOC_CUDA_MASK_PIPE", pipe)
     shapes = [(1283, 1280), (7, 5128), (645, 2560), (301, 5120), (3, 8192), (9, 8), (1, 2568), (40, 1280),
               (5, 1280), (130, 5120)]

@@ -42,8 +42,7 @@
 // next row is already streaming into its shared-memory buffer with cp.async, which holds no
 // registers. Pass 1 then reads the buffer. Without it, a warp's loads stop during its selection and
 // the launch is latency-bound (occupancy is capped by registers). MEMLOC_CUDA_MASK_PIPE=0 turns it
-// off (an ablation); MEMLOC_CUDA_MASK_PIPE_ITEMS=n gives each block n items instead of one wave of
-// resident blocks; MEMLOC_CUDA_MASK_PIPE_BLOCKS caps its grid (tests: many rows per warp).
+// off (an ablation); MEMLOC_CUDA_MASK_PIPE_BLOCKS caps its grid (tests: many rows per warp).
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -243,16 +242,10 @@ bool env_is(const char* name, const char* value) {
 bool warm_start() { return !env_is("MEMLOC_CUDA_MASK_WARM", "0"); }
 bool side_streams_on() { return !env_is("MEMLOC_CUDA_MASK_STREAMS", "0"); }
 bool pipe_on() { return !env_is("MEMLOC_CUDA_MASK_PIPE", "0"); }
-// The pipelined kernel's grid for `items` work items: resident blocks (each walks about
-// items / resident of them), or ceil(items / MEMLOC_CUDA_MASK_PIPE_ITEMS) blocks (that many items
-// each, the rest queued by the block scheduler), at most MEMLOC_CUDA_MASK_PIPE_BLOCKS (tests).
-std::int64_t pipe_grid(std::int64_t items, std::int64_t resident) {
-  const char* per = std::getenv("MEMLOC_CUDA_MASK_PIPE_ITEMS");
-  std::int64_t grid = per != nullptr && per[0] != '\0' ? ceil_div(items, std::max<std::int64_t>(std::atoll(per), 1))
-                                                      : std::min(items, resident);
-  const char* cap = std::getenv("MEMLOC_CUDA_MASK_PIPE_BLOCKS");
-  if (cap != nullptr && cap[0] != '\0') grid = std::min(grid, std::max<std::int64_t>(std::atoll(cap), 1));
-  return grid;
+// The pipelined kernel's grid: resident blocks, or fewer (MEMLOC_CUDA_MASK_PIPE_BLOCKS, at least 1).
+std::int64_t pipe_blocks(std::int64_t resident) {
+  const char* env = std::getenv("MEMLOC_CUDA_MASK_PIPE_BLOCKS");
+  return env != nullptr && env[0] != '\0' ? std::clamp<std::int64_t>(std::atoll(env), 1, resident) : resident;
 }
 
 int stage_bytes(DType dtype, int nc, int warps) { return warps * nc * 256 * element_size(dtype); }
@@ -358,7 +351,7 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
       }
       MEMLOC_REQUIRE(items < (1LL << 31), "memorized_mask: too many work items in one launch");
       launch.n_items = static_cast<int>(items);
-      const std::int64_t grid = mode == Mode::kPipe ? pipe_grid(items, resident) : items;
+      const std::int64_t grid = mode == Mode::kPipe ? std::min(items, pipe_blocks(resident)) : items;
       kernel<<<static_cast<unsigned>(grid), warps * 32, smem, launch_stream>>>(launch);
       MEMLOC_CUDA_CHECK_LAUNCH();
     }
