@@ -377,53 +377,6 @@ def test_memorized_masks_warp_kernel_mixed_dtypes_side_streams(cuda, monkeypatch
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pipe", ["1", "0"], ids=["pipelined", "not-pipelined"])
-@pytest.mark.parametrize("blocks", ["1", "3", ""], ids=["grid1", "grid3", "grid-resident"])
-@pytest.mark.parametrize("warps", ["1", "4", "8"])
-def test_memorized_masks_warp_kernel_pipelined_single_vectors(cuda, monkeypatch, warps, blocks, pipe):
-    # Single vectors take the pipelined kernel: a warp walks its rows one work item after another and
-    # copies the next row into shared memory (cp.async) while the current row's selection runs. With
-    # a grid of 1 or 3 blocks (MEMLOC_CUDA_MASK_PIPE_BLOCKS) every warp walks hundreds of rows across
-    # the layers of its launch, including items where it has no row (d_out not a multiple of the
-    # rows per block) and rows that take the exact path (all-zero rows, rows 1000x larger); every
-    # chunk class and dtype. MEMLOC_CUDA_MASK_PIPE=0: the unpipelined kernel on the same inputs.
-    monkeypatch.setenv("MEMLOC_CUDA_MASK", "warp")
-    monkeypatch.setenv("MEMLOC_CUDA_MASK_WARPS", warps)
-    monkeypatch.setenv("MEMLOC_CUDA_MASK_PIPE_BLOCKS", blocks)
-    monkeypatch.setenv("MEMLOC_CUDA_MASK_PIPE", pipe)
-    shapes = [(1283, 1280), (7, 5128), (645, 2560), (301, 5120), (3, 8192), (9, 8), (1, 2568), (40, 1280),
-              (5, 1280), (130, 5120)]
-    weights, sumsqs, nulls = _layers(shapes, cuda, lead=())
-    weights[3][::7] *= 1000
-    weights[0][5::9] = 0
-    weights[3][1::11] = 0
-    weights[-1] = weights[-1].to(torch.bfloat16)
-    weights[2] = weights[2].float()
-    weights[-2] = weights[-2].float()
-    _check_layers(weights, sumsqs, nulls, 0.01, "reference")
-
-
-@pytest.mark.gpu
-def test_memorized_mask_pipelined_kernel_counts_its_exact_path(cuda, monkeypatch):
-    # The pipelined kernel counts the problems its fast path could not decide: in an all-zero row
-    # every score is +0.0, so all 320 blocks share the value at the k-th place (more than the fast
-    # path lists) and the row takes the exact path; random rows never do. Two blocks: each warp
-    # walks several rows.
-    from memloc_kernels.backends.cuda import exact_path_counter
-
-    monkeypatch.setenv("MEMLOC_CUDA_MASK", "warp")
-    monkeypatch.setenv("MEMLOC_CUDA_MASK_PIPE_BLOCKS", "2")
-    weight = (torch.randn(37, 2560) * 0.02).half()
-    weight[::4] = 0  # rows 0, 4, ..., 36: 10 rows
-    sumsq, null_sumsq = random_stats(2560, device="cpu")
-    counter = exact_path_counter(cuda)
-    counter.zero_()
-    got = masks(weight.to(cuda), sumsq.to(cuda), null_sumsq.to(cuda), 0.01, "reference")
-    assert_words_equal(*got, "zero rows")
-    assert int(counter.item()) == 10
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("lead", [(), (3, 2)], ids=["one-vector", "S3xT2"])
 def test_memorized_mask_warp_kernel_many_scores_at_the_bound(cuda, monkeypatch, lead):
     # Random rows, and rows whose top k fill whole 8-column blocks (k = 96 at d_in 1920): hundreds

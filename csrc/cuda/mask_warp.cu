@@ -35,14 +35,6 @@
 // first go to two side streams forked from and joined into the caller's stream
 // (MEMLOC_CUDA_MASK_STREAMS=0: all on the caller's stream). MEMLOC_CUDA_MASK_WARPS sets the rows
 // (warps) per block, MEMLOC_CUDA_MASK=block|warp which kernel eligible layers take.
-//
-// Single-vector launches are pipelined (mask_warp_pipe_kernel): a block stays resident for the
-// whole launch and each of its warps walks rows one work item after another; while a row's
-// selection (steps 2-5, which read no more than a few listed blocks of the row) runs, the warp's
-// next row is already streaming into its shared-memory buffer with cp.async, which holds no
-// registers. Pass 1 then reads the buffer. Without it, a warp's loads stop during its selection and
-// the launch is latency-bound (occupancy is capped by registers). MEMLOC_CUDA_MASK_PIPE=0 turns it
-// off (an ablation); MEMLOC_CUDA_MASK_PIPE_BLOCKS caps its grid (tests: many rows per warp).
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -70,7 +62,6 @@ struct WLaunch {
   int warps;   // rows per block (blockDim.x / 32), at most kWarps
   int* stats;  // problems that took the exact path (may be null)
   int warm;    // start each vector's bound search from the previous vector's (MEMLOC_CUDA_MASK_WARM)
-  int n_items; // work items of the launch (the pipelined kernel walks them)
 };
 static_assert(sizeof(WLaunch) <= 4000, "the layer table must fit the kernel parameter space");
 
@@ -114,121 +105,29 @@ __global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_
   }
 }
 
-// cp.async (sm_80 on): 16 bytes from global to shared memory without a register, L2 only (.cg).
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
-#else
-  *static_cast<uint4*>(smem) = __ldg(static_cast<const uint4*>(gmem));
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void cp_async_wait_all() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-#endif
-}
-
-// Single vectors (n_vec == 1 for every layer of the launch), pipelined: see the header. Items go
-// to blocks in steps of gridDim.x; warp w of item i takes row (i - item_begin) * warps + w.
-template <typename T, int NC>
-__global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_pipe_kernel(const __grid_constant__ WLaunch launch) {
-  extern __shared__ uint4 s_rows[];  // each warp's buffer: its next row
-  __shared__ int s_list[kWarps][kCap];
-  __shared__ int s_scores[kWarps][kCap];
-  constexpr int kQ = sizeof(T) / 2;
-  const int lane = static_cast<int>(threadIdx.x) & 31;
-  const int warp = static_cast<int>(threadIdx.x) >> 5;
-  const int stride = static_cast<int>(gridDim.x);
-  uint4* const buf = s_rows + static_cast<std::size_t>(warp) * NC * 32 * kQ;
-  RowSource<T, true> staged;
-  staged.global = nullptr;
-  staged.shared = buf;
-  // The first item from `item` on (in steps of the grid) with a row for this warp, or n_items;
-  // its layer in `li` (items only grow, so li only grows) and its row in `row`.
-  auto next = [&](int item, int& li, int& row) {
-    for (; item < launch.n_items; item += stride) {
-      while (li + 1 < launch.n_layers && item >= launch.layers[li + 1].item_begin) ++li;
-      row = (item - launch.layers[li].item_begin) * launch.warps + warp;
-      if (row < launch.layers[li].d_out) return item;
-    }
-    return launch.n_items;
-  };
-  auto row_words = [&](int li, int row) {
-    const VecLayer& ly = launch.layers[li];
-    return reinterpret_cast<const uint4*>(static_cast<const T*>(ly.weight) + static_cast<std::size_t>(row) * ly.d_in);
-  };
-  auto fetch = [&](int li, int row) {
-    const uint4* g = row_words(li, row);
-    const int n = (launch.layers[li].d_in >> 3) * kQ;
-    for (int i = lane; i < n; i += 32) cp_async16(buf + i, g + i);
-    cp_async_commit();
-  };
-  int li = 0, row = 0;
-  int item = next(static_cast<int>(blockIdx.x), li, row);
-  if (item < launch.n_items) fetch(li, row);
-  while (item < launch.n_items) {
-    int li_next = li, row_next = 0;
-    const int item_next = next(item + stride, li_next, row_next);
-    const VecLayer& ly = launch.layers[li];
-    const int n_blocks = ly.d_in >> 3;
-    const int n_words = (ly.d_in + 31) >> 5;
-    cp_async_wait_all();
-    __syncwarp();  // every lane's part of the row has landed
-    int bm[NC];
-    block_maxima<T, NC, true, false>(staged, ly.norms, n_blocks, lane, bm);
-    __syncwarp();  // every lane has read the buffer before it is refilled
-    if (item_next < launch.n_items) fetch(li_next, row_next);
-    RowSource<T, false> src;
-    src.global = row_words(li, row);
-    src.shared = nullptr;
-    int guess = -1;
-    select_row<T, NC, false>(bm, false, launch.stats, src, ly.norms, ly.null_norms,
-                             ly.out + static_cast<std::size_t>(row) * n_words, n_blocks, ly.k, s_list[warp],
-                             s_scores[warp], lane, guess);
-    item = item_next;
-    li = li_next;
-    row = row_next;
-  }
-}
-
 using KernelFn = void (*)(WLaunch);
 
-// How a launch group runs: one vector per problem from global memory, several vectors per row
-// staged in shared memory, or single vectors pipelined.
-enum class Mode { kPlain = 0, kStage = 1, kPipe = 2 };
-
-template <typename T, Mode M>
+template <typename T, bool kStage>
 KernelFn kernel_for_nc(int nc) {
-  constexpr bool kStage = M == Mode::kStage;
   switch (nc) {
-    case 5: return M == Mode::kPipe ? mask_warp_pipe_kernel<T, 5> : mask_warp_kernel<T, 5, kStage>;
-    case 10: return M == Mode::kPipe ? mask_warp_pipe_kernel<T, 10> : mask_warp_kernel<T, 10, kStage>;
-    case 20: return M == Mode::kPipe ? mask_warp_pipe_kernel<T, 20> : mask_warp_kernel<T, 20, kStage>;
-    case 32: return M == Mode::kPipe ? mask_warp_pipe_kernel<T, 32> : mask_warp_kernel<T, 32, kStage>;
+    case 5: return mask_warp_kernel<T, 5, kStage>;
+    case 10: return mask_warp_kernel<T, 10, kStage>;
+    case 20: return mask_warp_kernel<T, 20, kStage>;
+    case 32: return mask_warp_kernel<T, 32, kStage>;
     default: throw std::logic_error("memorized_mask (warp): no kernel for " + std::to_string(nc) + " chunks");
   }
 }
 
 template <typename T>
-KernelFn kernel_for_mode(int nc, Mode mode) {
-  switch (mode) {
-    case Mode::kStage: return kernel_for_nc<T, Mode::kStage>(nc);
-    case Mode::kPipe: return kernel_for_nc<T, Mode::kPipe>(nc);
-    default: return kernel_for_nc<T, Mode::kPlain>(nc);
-  }
+KernelFn kernel_for_stage(int nc, bool stage) {
+  return stage ? kernel_for_nc<T, true>(nc) : kernel_for_nc<T, false>(nc);
 }
 
-KernelFn kernel_for(DType dtype, int nc, Mode mode) {
+KernelFn kernel_for(DType dtype, int nc, bool stage) {
   switch (dtype) {
-    case DType::kFloat16: return kernel_for_mode<__half>(nc, mode);
-    case DType::kBFloat16: return kernel_for_mode<__nv_bfloat16>(nc, mode);
-    case DType::kFloat32: return kernel_for_mode<float>(nc, mode);
+    case DType::kFloat16: return kernel_for_stage<__half>(nc, stage);
+    case DType::kBFloat16: return kernel_for_stage<__nv_bfloat16>(nc, stage);
+    case DType::kFloat32: return kernel_for_stage<float>(nc, stage);
     default: throw std::invalid_argument("memorized_mask: weight must be float16, bfloat16 or float32");
   }
 }
@@ -241,12 +140,6 @@ bool env_is(const char* name, const char* value) {
 }
 bool warm_start() { return !env_is("MEMLOC_CUDA_MASK_WARM", "0"); }
 bool side_streams_on() { return !env_is("MEMLOC_CUDA_MASK_STREAMS", "0"); }
-bool pipe_on() { return !env_is("MEMLOC_CUDA_MASK_PIPE", "0"); }
-// The pipelined kernel's grid: resident blocks, or fewer (MEMLOC_CUDA_MASK_PIPE_BLOCKS, at least 1).
-std::int64_t pipe_blocks(std::int64_t resident) {
-  const char* env = std::getenv("MEMLOC_CUDA_MASK_PIPE_BLOCKS");
-  return env != nullptr && env[0] != '\0' ? std::clamp<std::int64_t>(std::atoll(env), 1, resident) : resident;
-}
 
 int stage_bytes(DType dtype, int nc, int warps) { return warps * nc * 256 * element_size(dtype); }
 
@@ -295,15 +188,12 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
   DeviceGuard guard(device);
   const int sms = sm_count(device);
   const int warps = block_warps();
-  // One launch per (chunks, dtype, mode); the widest rows first.
+  // One launch per (chunks, dtype, staging); the widest rows first.
   std::map<std::tuple<int, int, int>, std::vector<const MaskLayerArgs*>, std::greater<>> groups;
-  const bool pipe = pipe_on();
   for (const MaskLayerArgs* a : layers) {
     const int nc = chunks_for(a->d_in);
-    const bool fits = stage_bytes(static_cast<DType>(a->dtype), nc, warps) <= kMaxStageBytes;
-    const bool one = a->S * a->T == 1;
-    const Mode mode = !fits ? Mode::kPlain : one ? (pipe ? Mode::kPipe : Mode::kPlain) : Mode::kStage;
-    groups[{nc, a->dtype, static_cast<int>(mode)}].push_back(a);
+    const bool stage = a->S * a->T > 1 && stage_bytes(static_cast<DType>(a->dtype), nc, warps) <= kMaxStageBytes;
+    groups[{nc, a->dtype, stage ? 1 : 0}].push_back(a);
   }
   const bool fork = groups.size() > 1 && side_streams_on();
   std::unique_lock<std::mutex> side_lock(side_mutex, std::defer_lock);
@@ -320,9 +210,9 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
     ++group;
     const int nc = std::get<0>(key);
     const DType dtype = static_cast<DType>(std::get<1>(key));
-    const Mode mode = static_cast<Mode>(std::get<2>(key));
-    const int smem = mode != Mode::kPlain ? stage_bytes(dtype, nc, warps) : 0;
-    const KernelFn kernel = kernel_for(dtype, nc, mode);
+    const bool stage = std::get<2>(key) != 0;
+    const int smem = stage ? stage_bytes(dtype, nc, warps) : 0;
+    const KernelFn kernel = kernel_for(dtype, nc, stage);
     const std::int64_t resident = static_cast<std::int64_t>(blocks_per_sm(reinterpret_cast<const void*>(kernel), warps, smem, device)) * sms;
     for (std::size_t first = 0; first < members.size(); first += kMaxLayers) {
       const std::size_t last = std::min(members.size(), first + kMaxLayers);
@@ -350,9 +240,7 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
         items += ceil_div(a.d_out, warps) * l.n_spans;
       }
       MEMLOC_REQUIRE(items < (1LL << 31), "memorized_mask: too many work items in one launch");
-      launch.n_items = static_cast<int>(items);
-      const std::int64_t grid = mode == Mode::kPipe ? std::min(items, pipe_blocks(resident)) : items;
-      kernel<<<static_cast<unsigned>(grid), warps * 32, smem, launch_stream>>>(launch);
+      kernel<<<static_cast<unsigned>(items), warps * 32, smem, launch_stream>>>(launch);
       MEMLOC_CUDA_CHECK_LAUNCH();
     }
   }

@@ -254,13 +254,15 @@ __device__ __forceinline__ bool compact_finish(const RowSource<T, kStage>& src, 
   return true;
 }
 
-// One (row, vector) problem after pass 1, steps 2-5 of the header, from the row's block maxima `bm`
-// (block_maxima). `src` is read again for the listed blocks and by the exact path. `guess`: the warm
-// start, read and (when `warm`) updated (-1: none). `stats`: the exact-path counter (may be null).
+// One (row, vector) problem, steps 1-5 of the header. `guess`: the warm start, read and (when
+// `warm`) updated (-1: none). `stats`: the exact-path counter (may be null).
 template <typename T, int NC, bool kStage>
-__device__ __forceinline__ void select_row(const int (&bm)[NC], bool warm, int* stats, const RowSource<T, kStage>& src,
-                                           const float* nrow, const float* zrow, std::uint32_t* out_row, int n_blocks,
-                                           int k, int* list, int* scores, int lane, int& guess) {
+__device__ __forceinline__ void solve_problem(bool warm, int* stats, const RowSource<T, kStage>& src,
+                                              const float* nrow, const float* zrow, std::uint32_t* out_row,
+                                              int n_blocks, int k, int* list, int* scores, int lane, int& guess) {
+  // 1. block maxima
+  int bm[NC];
+  block_maxima<T, NC, kStage, false>(src, nrow, n_blocks, lane, bm);
   auto count_bm = [&](int t) {
     int c = 0;
 #pragma unroll
@@ -452,16 +454,6 @@ __device__ __forceinline__ void select_row(const int (&bm)[NC], bool warm, int* 
   }
   if (lane == 0 && stats) atomicAdd(stats, 1);
   exact_row<T, kStage>(src, nrow, zrow, out_row, n_blocks, k, lane);
-}
-
-// One (row, vector) problem, steps 1-5 of the header: pass 1 over `src`, then select_row.
-template <typename T, int NC, bool kStage>
-__device__ __forceinline__ void solve_problem(bool warm, int* stats, const RowSource<T, kStage>& src,
-                                              const float* nrow, const float* zrow, std::uint32_t* out_row,
-                                              int n_blocks, int k, int* list, int* scores, int lane, int& guess) {
-  int bm[NC];
-  block_maxima<T, NC, kStage, false>(src, nrow, n_blocks, lane, bm);
-  select_row<T, NC, kStage>(bm, warm, stats, src, nrow, zrow, out_row, n_blocks, k, list, scores, lane, guess);
 }
 
 inline int element_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
