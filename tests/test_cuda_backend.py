@@ -377,6 +377,32 @@ def test_memorized_masks_warp_kernel_mixed_dtypes_side_streams(cuda, monkeypatch
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("lane_order", [True, False], ids=["lane-order", "no-scratch"])
+def test_memorized_masks_batched_warp_kernel_with_and_without_lane_norms(cuda, monkeypatch, lane_order):
+    # Batched layers: the backend allocates scratch for the norms in the staged kernels' lane order
+    # (permuted on the GPU, rows padded to a multiple of 256); without it (0 passed) the same layers
+    # run the unstaged warp kernel. Widths with a partial 256-column chunk (5128, 2568, 8) and
+    # whole ones, three dtypes, all-zero rows (the exact path reads the lane-order norms too).
+    monkeypatch.setenv("MEMLOC_CUDA_MASK", "warp")
+    made = []
+    real = cuda_backend._lane_norms
+
+    def lane_norms(*args):
+        out = real(*args) if lane_order else None
+        made.append(out is not None)
+        return out
+
+    monkeypatch.setattr(cuda_backend, "_lane_norms", lane_norms)
+    shapes = [(33, 1280), (7, 5128), (45, 2560), (21, 5120), (3, 8192), (9, 8), (2, 2568)]
+    weights, sumsqs, nulls = _layers(shapes, cuda, lead=(3, 2))
+    weights[1] = weights[1].float()
+    weights[-1] = weights[-1].to(torch.bfloat16)
+    weights[3][::5] = 0
+    _check_layers(weights, sumsqs, nulls, 0.01, "reference")
+    assert any(made) == lane_order and len(made) == len(shapes)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("lead", [(), (3, 2)], ids=["one-vector", "S3xT2"])
 def test_memorized_mask_warp_kernel_many_scores_at_the_bound(cuda, monkeypatch, lead):
     # Random rows, and rows whose top k fill whole 8-column blocks (k = 96 at d_in 1920): hundreds

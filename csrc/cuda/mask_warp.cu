@@ -30,7 +30,10 @@
 //
 // Non-negative floats (and NaN, above +inf, as in torch.topk) order like their int32 bits, so all
 // comparisons are on int32; padding is -1. Batched launches (several vectors per warp) first copy
-// each warp's weight row to shared memory (kStage), so that W is read from HBM once per item. One
+// each warp's weight row to shared memory (kStage), so that W is read from HBM once per item, and
+// read the norms in lane order (load_lane_norm8 in mask_warp.cuh: each 16-byte norm load of a warp
+// covers 512 contiguous bytes), written by permute_norms into the caller's lane_norms scratch
+// before the launches; a batched layer without that scratch runs unstaged. One
 // launch per (chunks, dtype, staging) group; when a call has more than one, the launches after the
 // first go to two side streams forked from and joined into the caller's stream
 // (MEMLOC_CUDA_MASK_STREAMS=0: all on the caller's stream). MEMLOC_CUDA_MASK_WARPS sets the rows
@@ -96,8 +99,9 @@ __global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_
     for (int i = lane; i < n_blocks * kQ; i += 32) mine[i] = __ldg(src.global + i);
     __syncwarp();
   }
+  const int n_stride = kStage ? lane_width(d_in) : d_in;  // staged: norms in lane order, padded rows
   for (int v = v_begin; v < v_end; ++v) {
-    const float* nrow = ly.norms + static_cast<std::size_t>(v) * d_in;
+    const float* nrow = ly.norms + static_cast<std::size_t>(v) * n_stride;
     const float* zrow = ly.null_norms + static_cast<std::size_t>(v) * d_in;
     std::uint32_t* out_row = ly.out + (static_cast<std::size_t>(v / ly.T) * ly.d_out + row) * n_words;
     solve_problem<T, NC, kStage>(launch.warm != 0, launch.stats, src, nrow, zrow, out_row, n_blocks, k, s_list[warp],
@@ -106,6 +110,34 @@ __global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_
 }
 
 using KernelFn = void (*)(WLaunch);
+
+// norms [n_vec, d_in] -> lane [n_vec, lane_width(d_in)] in lane order (load_lane_norm8): float4
+// slot s of chunk c takes the natural float4 64 c + 2 (s % 32) + s / 32; padding is left unwritten
+// (no block reads it: the kernels clamp their loads to real blocks).
+__global__ void permute_norms_kernel(const float4* __restrict__ norms, float4* __restrict__ lane, int d_in,
+                                     std::int64_t n_vec) {
+  const int n4 = d_in / 4;                // natural float4s per row
+  const int w4 = lane_width(d_in) / 4;    // lane-order float4s per row
+  const std::int64_t total = n_vec * w4;
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const std::int64_t v = i / w4;
+    const int slot = static_cast<int>(i - v * w4);
+    const int from = 64 * (slot >> 6) + 2 * (slot & 31) + ((slot >> 5) & 1);
+    if (from < n4) lane[i] = __ldg(norms + v * n4 + from);
+  }
+}
+
+void permute_norms(const MaskLayerArgs& a, cudaStream_t stream, int sms) {
+  const std::int64_t n_vec = a.S * a.T;
+  const std::int64_t total = n_vec * (lane_width(static_cast<int>(a.d_in)) / 4);
+  const int threads = 256;
+  const std::int64_t blocks = std::min<std::int64_t>(ceil_div(total, threads), 8LL * sms);
+  permute_norms_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+      reinterpret_cast<const float4*>(a.norms), reinterpret_cast<float4*>(a.lane_norms), static_cast<int>(a.d_in),
+      n_vec);
+  MEMLOC_CUDA_CHECK_LAUNCH();
+}
 
 template <typename T, bool kStage>
 KernelFn kernel_for_nc(int nc) {
@@ -192,8 +224,10 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
   std::map<std::tuple<int, int, int>, std::vector<const MaskLayerArgs*>, std::greater<>> groups;
   for (const MaskLayerArgs* a : layers) {
     const int nc = chunks_for(a->d_in);
-    const bool stage = a->S * a->T > 1 && stage_bytes(static_cast<DType>(a->dtype), nc, warps) <= kMaxStageBytes;
+    const bool stage = a->S * a->T > 1 && a->lane_norms != 0 && a->lane_norms % 16 == 0 &&
+                       stage_bytes(static_cast<DType>(a->dtype), nc, warps) <= kMaxStageBytes;
     groups[{nc, a->dtype, stage ? 1 : 0}].push_back(a);
+    if (stage) permute_norms(*a, as_stream(stream), sms);  // before the side streams fork
   }
   const bool fork = groups.size() > 1 && side_streams_on();
   std::unique_lock<std::mutex> side_lock(side_mutex, std::defer_lock);
@@ -233,6 +267,7 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
         const MaskLayerArgs& a = *members[i];
         VecLayer& l = launch.layers[i - first];
         fill_mask_layer(l, a);
+        if (stage) l.norms = reinterpret_cast<const float*>(a.lane_norms);
         l.n_vec = static_cast<int>(a.S * a.T);
         l.span = static_cast<int>(ceil_div(l.n_vec, std::min<std::int64_t>(pieces, l.n_vec)));
         l.n_spans = static_cast<int>(ceil_div(l.n_vec, l.span));

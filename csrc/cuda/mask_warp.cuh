@@ -87,6 +87,22 @@ __device__ __forceinline__ Norm8 load_norm8(const float* row, int block) {
   return Norm8{__ldg(p), __ldg(p + 1)};
 }
 
+// The norm rows of the staged (batched) warp kernels are in lane order: in each 256-column chunk,
+// float4 slot l (l < 32) holds columns 8l .. 8l+3 of the chunk and slot 32 + l columns 8l+4 ..
+// 8l+7, so that each of a warp's two 16-byte norm loads reads 512 contiguous bytes (the natural
+// order's 32-byte lane stride spreads each over 1024). Rows are padded to lane_width(d_in) floats;
+// permute_norms (mask_warp.cu) writes them.
+__host__ __device__ __forceinline__ int lane_width(int d_in) { return (d_in + 255) & ~255; }
+__device__ __forceinline__ Norm8 load_lane_norm8(const float* row, int block) {
+  const float4* p = reinterpret_cast<const float4*>(row) + 64 * (block >> 5) + (block & 31);
+  return Norm8{__ldg(p), __ldg(p + 32)};
+}
+// The norms of one block from the row being scored: lane order when kLane (the staged kernels).
+template <bool kLane>
+__device__ __forceinline__ Norm8 load_nrow8(const float* row, int block) {
+  return kLane ? load_lane_norm8(row, block) : load_norm8(row, block);
+}
+
 // One warp's view of its weight row: global memory, or the copy in shared memory (kStage).
 template <typename T, bool kStage>
 struct RowSource {
@@ -127,7 +143,7 @@ __device__ __forceinline__ void block_maxima(const RowSource<T, kStage>& src, co
     const int b = i * 32 + lane;
     const int bc = kFull ? b : min(b, n_blocks - 1);
     int s[8];
-    block_scores<T>(src.load(bc), load_norm8(nrow, bc), s);
+    block_scores<T>(src.load(bc), load_nrow8<kStage>(nrow, bc), s);
     int m = s[0];
 #pragma unroll
     for (int j = 1; j < 8; ++j) m = max(m, s[j]);
@@ -158,7 +174,7 @@ __device__ void exact_row(const RowSource<T, kStage>& src, const float* nrow, co
     int c = 0;
     for (int b = lane; b < n_blocks; b += 32) {
       int s[8];
-      block_scores<T>(src.load(b), load_norm8(nrow, b), s);
+      block_scores<T>(src.load(b), load_nrow8<kStage>(nrow, b), s);
 #pragma unroll
       for (int j = 0; j < 8; ++j) c += key(s[j]) >= probe ? 1 : 0;
     }
@@ -167,7 +183,7 @@ __device__ void exact_row(const RowSource<T, kStage>& src, const float* nrow, co
   int gt = 0;
   for (int b = lane; b < n_blocks; b += 32) {
     int s[8];
-    block_scores<T>(src.load(b), load_norm8(nrow, b), s);
+    block_scores<T>(src.load(b), load_nrow8<kStage>(nrow, b), s);
 #pragma unroll
     for (int j = 0; j < 8; ++j) gt += key(s[j]) > tau ? 1 : 0;
   }
@@ -179,7 +195,7 @@ __device__ void exact_row(const RowSource<T, kStage>& src, const float* nrow, co
     const int bc = real ? b : 0;
     const Raw8<T> w = src.load(bc);
     int s[8];
-    block_scores<T>(w, load_norm8(nrow, bc), s);
+    block_scores<T>(w, load_nrow8<kStage>(nrow, bc), s);
     unsigned eq = 0u;
 #pragma unroll
     for (int j = 0; j < 8; ++j) eq |= (real && key(s[j]) == tau) ? (1u << j) : 0u;
@@ -332,7 +348,7 @@ __device__ __forceinline__ void solve_problem(bool warm, int* stats, const RowSo
         blk[q] = slot < n_listed ? list[slot] : -1;
         const int bc = max(blk[q], 0);
         int s[8];
-        block_scores<T>(src.load(bc), load_norm8(nrow, bc), s);
+        block_scores<T>(src.load(bc), load_nrow8<kStage>(nrow, bc), s);
         int m = -1;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {

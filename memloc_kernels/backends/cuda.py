@@ -53,6 +53,16 @@ def warp_kernel_takes(d_in: int, k: int) -> bool:
     return d_in % 8 == 0 and d_in <= 8192 and k <= 96 and k <= d_in // 8
 
 
+def _lane_norms(weight: torch.Tensor, sumsq: torch.Tensor, k: int) -> torch.Tensor | None:
+    """Scratch for the batched warp kernel's norms in lane order (``csrc/cuda/mask_warp.cuh``,
+    ``load_lane_norm8``): float32, S * T rows of d_in rounded up to 256; None for a single vector
+    or a layer the warp kernel does not take (the kernel then reads the natural order)."""
+    S, T, d_in = sumsq.shape
+    if S * T == 1 or not warp_kernel_takes(d_in, k):
+        return None
+    return torch.empty(S * T * ((d_in + 255) // 256 * 256), dtype=torch.float32, device=weight.device)
+
+
 def exact_path_counter(device: torch.device) -> torch.Tensor:
     """int32 ``[1]`` on ``device``: how many (row, vector) problems the warp kernel of
     ``memorized_mask`` decided by its exact path (ties at the k-th place, or a bound it could not
@@ -145,6 +155,7 @@ class CudaBackend:
         # list keeps the norms allocated until the kernels are enqueued; torch then frees them in
         # stream order.
         norms = _norms([layer[1] for layer in layers] + [layer[2] for layer in layers])
+        lanes = [_lane_norms(w, s, k) for w, s, _, k, _ in layers]  # kept allocated like the norms
         n = len(layers)
         stream, device = _launch_args(weights[0])
         _C.cuda_memorized_mask_multi(
@@ -161,6 +172,7 @@ class CudaBackend:
             stream,
             device,
             exact_path_counter(weights[0].device).data_ptr(),
+            [0 if t is None else t.data_ptr() for t in lanes],
         )
 
     def pack_mask(self, mask):
