@@ -30,10 +30,10 @@
 //
 // Non-negative floats (and NaN, above +inf, as in torch.topk) order like their int32 bits, so all
 // comparisons are on int32; padding is -1. Batched launches (several vectors per warp) first copy
-// each warp's weight row to shared memory (kStage), so that W is read from HBM once per item, and
-// read the norms in lane order (load_lane_norm8 in mask_warp.cuh: each 16-byte norm load of a warp
-// covers 512 contiguous bytes), written by permute_norms into the caller's lane_norms scratch
-// before the launches; a batched layer without that scratch runs unstaged. One
+// each warp's weight row to shared memory (kStage), so that W is read from HBM once per item; for
+// f16/bf16 weights they read the norms in lane order (load_lane_norm8 in mask_warp.cuh: each
+// 16-byte norm load of a warp covers 512 contiguous bytes), written by permute_norms into the
+// caller's lane_norms scratch before the launches; such a layer without that scratch runs unstaged. One
 // launch per (chunks, dtype, staging) group; when a call has more than one, the launches after the
 // first go to two side streams forked from and joined into the caller's stream
 // (MEMLOC_CUDA_MASK_STREAMS=0: all on the caller's stream). MEMLOC_CUDA_MASK_WARPS sets the rows
@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_
     for (int i = lane; i < n_blocks * kQ; i += 32) mine[i] = __ldg(src.global + i);
     __syncwarp();
   }
-  const int n_stride = kStage ? lane_width(d_in) : d_in;  // staged: norms in lane order, padded rows
+  const int n_stride = kLaneOrder<T, kStage> ? lane_width(d_in) : d_in;  // lane order: padded rows
   for (int v = v_begin; v < v_end; ++v) {
     const float* nrow = ly.norms + static_cast<std::size_t>(v) * n_stride;
     const float* zrow = ly.null_norms + static_cast<std::size_t>(v) * d_in;
@@ -224,10 +224,11 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
   std::map<std::tuple<int, int, int>, std::vector<const MaskLayerArgs*>, std::greater<>> groups;
   for (const MaskLayerArgs* a : layers) {
     const int nc = chunks_for(a->d_in);
-    const bool stage = a->S * a->T > 1 && a->lane_norms != 0 && a->lane_norms % 16 == 0 &&
+    const bool lane = element_size(static_cast<DType>(a->dtype)) == 2;  // kLaneOrder
+    const bool stage = a->S * a->T > 1 && (!lane || (a->lane_norms != 0 && a->lane_norms % 16 == 0)) &&
                        stage_bytes(static_cast<DType>(a->dtype), nc, warps) <= kMaxStageBytes;
     groups[{nc, a->dtype, stage ? 1 : 0}].push_back(a);
-    if (stage) permute_norms(*a, as_stream(stream), sms);  // before the side streams fork
+    if (stage && lane) permute_norms(*a, as_stream(stream), sms);  // before the side streams fork
   }
   const bool fork = groups.size() > 1 && side_streams_on();
   std::unique_lock<std::mutex> side_lock(side_mutex, std::defer_lock);
@@ -267,7 +268,7 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
         const MaskLayerArgs& a = *members[i];
         VecLayer& l = launch.layers[i - first];
         fill_mask_layer(l, a);
-        if (stage) l.norms = reinterpret_cast<const float*>(a.lane_norms);
+        if (stage && element_size(dtype) == 2) l.norms = reinterpret_cast<const float*>(a.lane_norms);
         l.n_vec = static_cast<int>(a.S * a.T);
         l.span = static_cast<int>(ceil_div(l.n_vec, std::min<std::int64_t>(pieces, l.n_vec)));
         l.n_spans = static_cast<int>(ceil_div(l.n_vec, l.span));

@@ -87,17 +87,22 @@ __device__ __forceinline__ Norm8 load_norm8(const float* row, int block) {
   return Norm8{__ldg(p), __ldg(p + 1)};
 }
 
-// The norm rows of the staged (batched) warp kernels are in lane order: in each 256-column chunk,
+// The norm rows of the staged (batched) warp kernels for f16/bf16 weights are in lane order
+// (kLaneOrder): in each 256-column chunk,
 // float4 slot l (l < 32) holds columns 8l .. 8l+3 of the chunk and slot 32 + l columns 8l+4 ..
 // 8l+7, so that each of a warp's two 16-byte norm loads reads 512 contiguous bytes (the natural
 // order's 32-byte lane stride spreads each over 1024). Rows are padded to lane_width(d_in) floats;
 // permute_norms (mask_warp.cu) writes them.
 __host__ __device__ __forceinline__ int lane_width(int d_in) { return (d_in + 255) & ~255; }
 __device__ __forceinline__ Norm8 load_lane_norm8(const float* row, int block) {
-  const float4* p = reinterpret_cast<const float4*>(row) + 64 * (block >> 5) + (block & 31);
+  const float4* p = reinterpret_cast<const float4*>(row) + (block + (block & ~31));  // 64 (b / 32) + b % 32
   return Norm8{__ldg(p), __ldg(p + 32)};
 }
-// The norms of one block from the row being scored: lane order when kLane (the staged kernels).
+// Whether a warp kernel reads its norm rows in lane order: the staged ones for 2-byte weights. (For
+// f32 weights ptxas spills more with it: 92 / 100 bytes at 32 chunks staged, against 60 / 68.)
+template <typename T, bool kStage>
+constexpr bool kLaneOrder = kStage && sizeof(T) == 2;
+// The norms of one block from the row being scored, in lane order when kLane.
 template <bool kLane>
 __device__ __forceinline__ Norm8 load_nrow8(const float* row, int block) {
   return kLane ? load_lane_norm8(row, block) : load_norm8(row, block);
@@ -143,7 +148,7 @@ __device__ __forceinline__ void block_maxima(const RowSource<T, kStage>& src, co
     const int b = i * 32 + lane;
     const int bc = kFull ? b : min(b, n_blocks - 1);
     int s[8];
-    block_scores<T>(src.load(bc), load_nrow8<kStage>(nrow, bc), s);
+    block_scores<T>(src.load(bc), load_nrow8<kLaneOrder<T, kStage>>(nrow, bc), s);
     int m = s[0];
 #pragma unroll
     for (int j = 1; j < 8; ++j) m = max(m, s[j]);
@@ -174,7 +179,7 @@ __device__ void exact_row(const RowSource<T, kStage>& src, const float* nrow, co
     int c = 0;
     for (int b = lane; b < n_blocks; b += 32) {
       int s[8];
-      block_scores<T>(src.load(b), load_nrow8<kStage>(nrow, b), s);
+      block_scores<T>(src.load(b), load_nrow8<kLaneOrder<T, kStage>>(nrow, b), s);
 #pragma unroll
       for (int j = 0; j < 8; ++j) c += key(s[j]) >= probe ? 1 : 0;
     }
@@ -183,7 +188,7 @@ __device__ void exact_row(const RowSource<T, kStage>& src, const float* nrow, co
   int gt = 0;
   for (int b = lane; b < n_blocks; b += 32) {
     int s[8];
-    block_scores<T>(src.load(b), load_nrow8<kStage>(nrow, b), s);
+    block_scores<T>(src.load(b), load_nrow8<kLaneOrder<T, kStage>>(nrow, b), s);
 #pragma unroll
     for (int j = 0; j < 8; ++j) gt += key(s[j]) > tau ? 1 : 0;
   }
@@ -195,7 +200,7 @@ __device__ void exact_row(const RowSource<T, kStage>& src, const float* nrow, co
     const int bc = real ? b : 0;
     const Raw8<T> w = src.load(bc);
     int s[8];
-    block_scores<T>(w, load_nrow8<kStage>(nrow, bc), s);
+    block_scores<T>(w, load_nrow8<kLaneOrder<T, kStage>>(nrow, bc), s);
     unsigned eq = 0u;
 #pragma unroll
     for (int j = 0; j < 8; ++j) eq |= (real && key(s[j]) == tau) ? (1u << j) : 0u;
@@ -348,7 +353,7 @@ __device__ __forceinline__ void solve_problem(bool warm, int* stats, const RowSo
         blk[q] = slot < n_listed ? list[slot] : -1;
         const int bc = max(blk[q], 0);
         int s[8];
-        block_scores<T>(src.load(bc), load_nrow8<kStage>(nrow, bc), s);
+        block_scores<T>(src.load(bc), load_nrow8<kLaneOrder<T, kStage>>(nrow, bc), s);
         int m = -1;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {

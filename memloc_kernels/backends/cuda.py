@@ -55,10 +55,10 @@ def warp_kernel_takes(d_in: int, k: int) -> bool:
 
 def _lane_norms(weight: torch.Tensor, sumsq: torch.Tensor, k: int) -> torch.Tensor | None:
     """Scratch for the batched warp kernel's norms in lane order (``csrc/cuda/mask_warp.cuh``,
-    ``load_lane_norm8``): float32, S * T rows of d_in rounded up to 256; None for a single vector
-    or a layer the warp kernel does not take (the kernel then reads the natural order)."""
+    ``load_lane_norm8``): float32, S * T rows of d_in rounded up to 256; None for a single vector,
+    float32 weights or a layer the warp kernel does not take (those read the natural order)."""
     S, T, d_in = sumsq.shape
-    if S * T == 1 or not warp_kernel_takes(d_in, k):
+    if S * T == 1 or weight.element_size() != 2 or not warp_kernel_takes(d_in, k):
         return None
     return torch.empty(S * T * ((d_in + 255) // 256 * 256), dtype=torch.float32, device=weight.device)
 
