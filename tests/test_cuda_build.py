@@ -27,8 +27,8 @@ pytestmark = [
 # the exact-fallback path). Allow that much, not a habit: (spill store bytes, spill load bytes).
 # The warp kernel (mask_warp.cu) keeps each row's block maxima and gathered scores under a
 # 128-register cap (two 256-thread blocks per SM); ptxas spills a few per-row constants and
-# pointers (at most 68 bytes stored, 68 loaded: f16/bf16 weights, 32 chunks, unstaged; 44 / 48
-# for the staged 20-chunk kernel that SD1.5's widest layers take in batches). The thread kernel
+# pointers (at most 84 bytes stored, 88 loaded: f16/bf16 weights, 32 chunks, staged row; 36 / 40
+# for the staged 20-chunk kernel that SD1.5's widest layers take). The thread kernel
 # (mask_thread.cu) may use 255 registers (shared memory limits it to two 128-thread blocks per SM);
 # what it spills (at most 92 bytes) lies outside its scoring loop: launch setup and the inlined
 # warp fallback (solve_problem). First matching pattern wins.

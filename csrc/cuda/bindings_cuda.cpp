@@ -81,7 +81,7 @@ void register_cuda_ops(py::module_& m) {
       "cuda_memorized_mask for several layers; layers of one shape class share a launch. stats: 0 or the "
       "address of a device int32 counting the problems the warp kernel decided by its exact path. "
       "lane_norms: empty, or per layer 0 or float32 scratch of S * T * (d_in rounded up to 256) elements "
-      "for the batched warp kernel's norms in lane order (without it, that layer runs unstaged).");
+      "for the batched f16/bf16 warp kernel's norms in lane order (without it, the natural order).");
 
   m.def("cuda_wanda_scores", &memloc::cuda::wanda_scores, py::arg("weight"), py::arg("dtype"), py::arg("d_out"),
         py::arg("d_in"), py::arg("norms"), py::arg("S"), py::arg("out"), py::arg("stream"), py::arg("device"),

@@ -8,6 +8,8 @@ kernels. ``memloc_kernels.ops`` has validated and canonicalized every input befo
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .. import reference as ref
@@ -54,10 +56,13 @@ def warp_kernel_takes(d_in: int, k: int) -> bool:
 
 
 def _lane_norms(weight: torch.Tensor, sumsq: torch.Tensor, k: int) -> torch.Tensor | None:
-    """Scratch for the batched warp kernel's norms in lane order (``csrc/cuda/mask_warp.cuh``,
-    ``load_lane_norm8``): float32, S * T rows of d_in rounded up to 256; None for a single vector,
-    float32 weights or a layer the warp kernel does not take (those read the natural order)."""
+    """Opt-in (``MEMLOC_CUDA_MASK_LANE=1``, read per call; not yet measured on a GPU): scratch for
+    the batched warp kernel's norms in lane order (``csrc/cuda/mask_warp.cuh``, ``load_lane_norm8``),
+    float32, S * T rows of d_in rounded up to 256. None otherwise, and for a single vector, float32
+    weights or a layer the warp kernel does not take: those read the norms in their natural order."""
     S, T, d_in = sumsq.shape
+    if os.environ.get("MEMLOC_CUDA_MASK_LANE") != "1":
+        return None
     if S * T == 1 or weight.element_size() != 2 or not warp_kernel_takes(d_in, k):
         return None
     return torch.empty(S * T * ((d_in + 255) // 256 * 256), dtype=torch.float32, device=weight.device)
