@@ -61,9 +61,8 @@ def _lane_norms(weight: torch.Tensor, sumsq: torch.Tensor, k: int) -> torch.Tens
     float32, S * T rows of d_in rounded up to 256. None otherwise, and for a single vector, float32
     weights or a layer the warp kernel does not take: those read the norms in their natural order."""
     S, T, d_in = sumsq.shape
-    if os.environ.get("MEMLOC_CUDA_MASK_LANE") != "1":
-        return None
-    if S * T == 1 or weight.element_size() != 2 or not warp_kernel_takes(d_in, k):
+    wanted = os.environ.get("MEMLOC_CUDA_MASK_LANE") == "1"
+    if not wanted or S * T == 1 or weight.element_size() != 2 or not warp_kernel_takes(d_in, k):
         return None
     return torch.empty(S * T * ((d_in + 255) // 256 * 256), dtype=torch.float32, device=weight.device)
 
