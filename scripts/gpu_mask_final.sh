@@ -13,7 +13,7 @@ mkdir -p "$OUT"
 export MEMLOC_COMMIT="${MEMLOC_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 export MEMLOC_REQUIRE_CUDA_BACKEND=1
 TOTAL_S="${TOTAL_S:-560}"
-PROVIDERS="${PROVIDERS:-reference,triton,cuda,cuda-lane,cuda-thread,cuda-warp,cuda-warp-cold,cuda-warp-serial,cuda-block}"
+PROVIDERS="${PROVIDERS:-reference,triton,cuda,cuda-thread,cuda-warp,cuda-warp-cold,cuda-warp-serial,cuda-block}"
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 MEMLOC_CUDA=1 python setup.py build_ext --inplace > "$OUT/build.log" 2>&1
 echo "build rc $? after ${SECONDS} s" | tee -a "$OUT/build.log"

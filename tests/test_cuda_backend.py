@@ -377,36 +377,6 @@ def test_memorized_masks_warp_kernel_mixed_dtypes_side_streams(cuda, monkeypatch
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("warps", ["1", "4"])
-@pytest.mark.parametrize("lane_order", [True, False], ids=["lane-order", "natural-order"])
-def test_memorized_masks_batched_warp_kernel_lane_order_norms(cuda, monkeypatch, lane_order, warps):
-    # MEMLOC_CUDA_MASK_LANE=1: the backend allocates scratch for the staged (batched) f16/bf16 warp
-    # kernels' norms in lane order (permuted on the GPU, rows padded to a multiple of 256); without
-    # it they read the natural order. Widths with a partial 256-column chunk (5128, 2568, 8) and
-    # whole ones, f16/bf16 (lane order) and f32 (natural order either way), all-zero rows (the
-    # exact path reads the lane-order norms too), 1 and 4 rows per block.
-    monkeypatch.setenv("MEMLOC_CUDA_MASK", "warp")
-    monkeypatch.setenv("MEMLOC_CUDA_MASK_WARPS", warps)
-    monkeypatch.setenv("MEMLOC_CUDA_MASK_LANE", "1" if lane_order else "0")
-    made = []
-    real = cuda_backend._lane_norms
-
-    def lane_norms(*args):
-        out = real(*args)
-        made.append(out is not None)
-        return out
-
-    monkeypatch.setattr(cuda_backend, "_lane_norms", lane_norms)
-    shapes = [(33, 1280), (7, 5128), (45, 2560), (21, 5120), (3, 8192), (9, 8), (2, 2568)]
-    weights, sumsqs, nulls = _layers(shapes, cuda, lead=(3, 2))
-    weights[1] = weights[1].float()
-    weights[-1] = weights[-1].to(torch.bfloat16)
-    weights[3][::5] = 0
-    _check_layers(weights, sumsqs, nulls, 0.01, "reference")
-    assert made == [lane_order and w.element_size() == 2 for w in weights]
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("lead", [(), (3, 2)], ids=["one-vector", "S3xT2"])
 def test_memorized_mask_warp_kernel_many_scores_at_the_bound(cuda, monkeypatch, lead):
     # Random rows, and rows whose top k fill whole 8-column blocks (k = 96 at d_in 1920): hundreds
@@ -691,22 +661,3 @@ def test_availability_explains_itself():
         assert not ok and why, "without a CUDA device the backend must be unavailable, with a reason"
     if ok:
         assert why == ""
-
-
-def test_lane_norms_scratch_is_opt_in_and_padded(monkeypatch):
-    # The scratch the batched warp kernel's lane-order norms need (CPU tensors are enough to check
-    # the rule): only under MEMLOC_CUDA_MASK_LANE=1, only for several vectors, 2-byte weights and
-    # layers the warp kernel takes; S * T rows of d_in rounded up to 256 columns.
-    weight = torch.zeros(4, 2568, dtype=torch.float16)
-    sumsq = torch.zeros(3, 2, 2568)
-    monkeypatch.delenv("MEMLOC_CUDA_MASK_LANE", raising=False)
-    assert cuda_backend._lane_norms(weight, sumsq, 25) is None
-    monkeypatch.setenv("MEMLOC_CUDA_MASK_LANE", "1")
-    scratch = cuda_backend._lane_norms(weight, sumsq, 25)
-    assert scratch is not None and scratch.dtype == torch.float32 and scratch.numel() == 3 * 2 * 2816
-    assert cuda_backend._lane_norms(weight.to(torch.bfloat16), sumsq, 25) is not None
-    assert cuda_backend._lane_norms(weight, sumsq[:1, :1], 25) is None  # one vector: unstaged
-    assert cuda_backend._lane_norms(weight.float(), sumsq, 25) is None  # f32 weights: natural order
-    assert cuda_backend._lane_norms(weight, sumsq, 97) is None  # k above the warp kernel's limit
-    odd = torch.zeros(4, 2570, dtype=torch.float16)
-    assert cuda_backend._lane_norms(odd, torch.zeros(3, 2, 2570), 25) is None  # d_in not a multiple of 8

@@ -53,7 +53,7 @@ void register_cuda_ops(py::module_& m) {
          const std::vector<int64_t>& d_ins, const std::vector<uintptr_t>& norms,
          const std::vector<uintptr_t>& null_norms, const std::vector<int64_t>& Ss, const std::vector<int64_t>& Ts,
          const std::vector<int64_t>& ks, const std::vector<uintptr_t>& outs, uintptr_t stream, int device,
-         uintptr_t stats, const std::vector<uintptr_t>& lane_norms) {
+         uintptr_t stats) {
         const std::size_t n = weights.size();
         require_len(dtypes, n, "dtypes");
         require_len(d_outs, n, "d_outs");
@@ -64,24 +64,19 @@ void register_cuda_ops(py::module_& m) {
         require_len(Ts, n, "Ts");
         require_len(ks, n, "ks");
         require_len(outs, n, "outs");
-        if (!lane_norms.empty()) require_len(lane_norms, n, "lane_norms");
         std::vector<MaskLayerArgs> layers(n);
         for (std::size_t i = 0; i < n; ++i) {
           MaskLayerArgs& a = layers[i];
           a.weight = weights[i], a.norms = norms[i], a.null_norms = null_norms[i], a.out = outs[i];
           a.dtype = dtypes[i], a.d_out = d_outs[i], a.d_in = d_ins[i], a.k = ks[i], a.S = Ss[i], a.T = Ts[i];
-          a.lane_norms = lane_norms.empty() ? 0 : lane_norms[i];
         }
         memloc::cuda::memorized_mask(layers, stream, device, stats);
       },
       py::arg("weights"), py::arg("dtypes"), py::arg("d_outs"), py::arg("d_ins"), py::arg("norms"),
       py::arg("null_norms"), py::arg("Ss"), py::arg("Ts"), py::arg("ks"), py::arg("outs"), py::arg("stream"),
-      py::arg("device"), py::arg("stats") = 0, py::arg("lane_norms") = std::vector<uintptr_t>{},
-      py::call_guard<py::gil_scoped_release>(),
+      py::arg("device"), py::arg("stats") = 0, py::call_guard<py::gil_scoped_release>(),
       "cuda_memorized_mask for several layers; layers of one shape class share a launch. stats: 0 or the "
-      "address of a device int32 counting the problems the warp kernel decided by its exact path. "
-      "lane_norms: empty, or per layer 0 or float32 scratch of S * T * (d_in rounded up to 256) elements "
-      "for the batched f16/bf16 warp kernel's norms in lane order (without it, the natural order).");
+      "address of a device int32 counting the problems the warp kernel decided by its exact path.");
 
   m.def("cuda_wanda_scores", &memloc::cuda::wanda_scores, py::arg("weight"), py::arg("dtype"), py::arg("d_out"),
         py::arg("d_in"), py::arg("norms"), py::arg("S"), py::arg("out"), py::arg("stream"), py::arg("device"),

@@ -30,11 +30,7 @@
 //
 // Non-negative floats (and NaN, above +inf, as in torch.topk) order like their int32 bits, so all
 // comparisons are on int32; padding is -1. Batched launches (several vectors per warp) first copy
-// each warp's weight row to shared memory (kStage), so that W is read from HBM once per item.
-// Opt-in, unmeasured on a GPU (the backend passes lane_norms scratch only under
-// MEMLOC_CUDA_MASK_LANE=1): staged f16/bf16 layers read their norms in lane order (kLane;
-// load_lane_norm8 in mask_warp.cuh: each 16-byte norm load of a warp covers 512 contiguous bytes
-// instead of 1024), written by permute_norms into that scratch before the launches. One
+// each warp's weight row to shared memory (kStage), so that W is read from HBM once per item. One
 // launch per (chunks, dtype, staging) group; when a call has more than one, the launches after the
 // first go to two side streams forked from and joined into the caller's stream
 // (MEMLOC_CUDA_MASK_STREAMS=0: all on the caller's stream). MEMLOC_CUDA_MASK_WARPS sets the rows
@@ -69,7 +65,7 @@ struct WLaunch {
 };
 static_assert(sizeof(WLaunch) <= 4000, "the layer table must fit the kernel parameter space");
 
-template <typename T, int NC, bool kStage, bool kLane>
+template <typename T, int NC, bool kStage>
 __global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_constant__ WLaunch launch) {
   extern __shared__ uint4 s_rows[];  // kStage: each warp's weight row
   __shared__ int s_list[kWarps][kCap];
@@ -92,7 +88,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_
   const int v_end = min(v_begin + ly.span, ly.n_vec);
   int guess = -1;  // warm start: the k-th largest block maximum of this row's previous vector
 
-  RowSource<T, kStage, kLane> src;
+  RowSource<T, kStage> src;
   src.global = reinterpret_cast<const uint4*>(static_cast<const T*>(ly.weight) + static_cast<std::size_t>(row) * d_in);
   src.shared = s_rows + static_cast<std::size_t>(warp) * NC * 32 * kQ;
   if (kStage) {
@@ -100,9 +96,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_
     for (int i = lane; i < n_blocks * kQ; i += 32) mine[i] = __ldg(src.global + i);
     __syncwarp();
   }
-  const int n_stride = kLane ? lane_width(d_in) : d_in;  // lane order: padded rows
   for (int v = v_begin; v < v_end; ++v) {
-    const float* nrow = ly.norms + static_cast<std::size_t>(v) * n_stride;
+    const float* nrow = ly.norms + static_cast<std::size_t>(v) * d_in;
     const float* zrow = ly.null_norms + static_cast<std::size_t>(v) * d_in;
     std::uint32_t* out_row = ly.out + (static_cast<std::size_t>(v / ly.T) * ly.d_out + row) * n_words;
     solve_problem<T, NC, kStage>(launch.warm != 0, launch.stats, src, nrow, zrow, out_row, n_blocks, k, s_list[warp],
@@ -112,65 +107,27 @@ __global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_
 
 using KernelFn = void (*)(WLaunch);
 
-// norms [n_vec, d_in] -> lane [n_vec, lane_width(d_in)] in lane order (load_lane_norm8): float4
-// slot s of chunk c takes the natural float4 64 c + 2 (s % 32) + s / 32; padding is left unwritten
-// (no block reads it: the kernels clamp their loads to real blocks).
-__global__ void permute_norms_kernel(const float4* __restrict__ norms, float4* __restrict__ lane, int d_in,
-                                     std::int64_t n_vec) {
-  const int n4 = d_in / 4;                // natural float4s per row
-  const int w4 = lane_width(d_in) / 4;    // lane-order float4s per row
-  const std::int64_t total = n_vec * w4;
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    const std::int64_t v = i / w4;
-    const int slot = static_cast<int>(i - v * w4);
-    const int from = 64 * (slot >> 6) + 2 * (slot & 31) + ((slot >> 5) & 1);
-    if (from < n4) lane[i] = __ldg(norms + v * n4 + from);
-  }
-}
-
-void permute_norms(const MaskLayerArgs& a, cudaStream_t stream, int sms) {
-  const std::int64_t n_vec = a.S * a.T;
-  const std::int64_t total = n_vec * (lane_width(static_cast<int>(a.d_in)) / 4);
-  const int threads = 256;
-  const std::int64_t blocks = std::min<std::int64_t>(ceil_div(total, threads), 8LL * sms);
-  permute_norms_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-      reinterpret_cast<const float4*>(a.norms), reinterpret_cast<float4*>(a.lane_norms), static_cast<int>(a.d_in),
-      n_vec);
-  MEMLOC_CUDA_CHECK_LAUNCH();
-}
-
-// How a launch group runs: one vector per problem from global memory, several vectors per row
-// with the row staged in shared memory, or staged with the norms in lane order (kLane).
-enum class Mode { kPlain = 0, kStage = 1, kStageLane = 2 };
-
-template <typename T, bool kStage, bool kLane>
+template <typename T, bool kStage>
 KernelFn kernel_for_nc(int nc) {
   switch (nc) {
-    case 5: return mask_warp_kernel<T, 5, kStage, kLane>;
-    case 10: return mask_warp_kernel<T, 10, kStage, kLane>;
-    case 20: return mask_warp_kernel<T, 20, kStage, kLane>;
-    case 32: return mask_warp_kernel<T, 32, kStage, kLane>;
+    case 5: return mask_warp_kernel<T, 5, kStage>;
+    case 10: return mask_warp_kernel<T, 10, kStage>;
+    case 20: return mask_warp_kernel<T, 20, kStage>;
+    case 32: return mask_warp_kernel<T, 32, kStage>;
     default: throw std::logic_error("memorized_mask (warp): no kernel for " + std::to_string(nc) + " chunks");
   }
 }
 
 template <typename T>
-KernelFn kernel_for_mode(int nc, Mode mode) {
-  switch (mode) {
-    case Mode::kPlain: return kernel_for_nc<T, false, false>(nc);
-    case Mode::kStage: return kernel_for_nc<T, true, false>(nc);
-    default:
-      if constexpr (sizeof(T) == 2) return kernel_for_nc<T, true, true>(nc);  // lane order: f16/bf16 only
-      throw std::logic_error("memorized_mask (warp): no lane-order kernel for float32 weights");
-  }
+KernelFn kernel_for_stage(int nc, bool stage) {
+  return stage ? kernel_for_nc<T, true>(nc) : kernel_for_nc<T, false>(nc);
 }
 
-KernelFn kernel_for(DType dtype, int nc, Mode mode) {
+KernelFn kernel_for(DType dtype, int nc, bool stage) {
   switch (dtype) {
-    case DType::kFloat16: return kernel_for_mode<__half>(nc, mode);
-    case DType::kBFloat16: return kernel_for_mode<__nv_bfloat16>(nc, mode);
-    case DType::kFloat32: return kernel_for_mode<float>(nc, mode);
+    case DType::kFloat16: return kernel_for_stage<__half>(nc, stage);
+    case DType::kBFloat16: return kernel_for_stage<__nv_bfloat16>(nc, stage);
+    case DType::kFloat32: return kernel_for_stage<float>(nc, stage);
     default: throw std::invalid_argument("memorized_mask: weight must be float16, bfloat16 or float32");
   }
 }
@@ -236,12 +193,7 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
   for (const MaskLayerArgs* a : layers) {
     const int nc = chunks_for(a->d_in);
     const bool stage = a->S * a->T > 1 && stage_bytes(static_cast<DType>(a->dtype), nc, warps) <= kMaxStageBytes;
-    // lane order: f16/bf16 with the caller's scratch (for f32 ptxas spilled 92 / 100 bytes with it)
-    const bool lane = stage && element_size(static_cast<DType>(a->dtype)) == 2 && a->lane_norms != 0 &&
-                      a->lane_norms % 16 == 0;
-    const Mode mode = lane ? Mode::kStageLane : stage ? Mode::kStage : Mode::kPlain;
-    groups[{nc, a->dtype, static_cast<int>(mode)}].push_back(a);
-    if (lane) permute_norms(*a, as_stream(stream), sms);  // before the side streams fork
+    groups[{nc, a->dtype, stage ? 1 : 0}].push_back(a);
   }
   const bool fork = groups.size() > 1 && side_streams_on();
   std::unique_lock<std::mutex> side_lock(side_mutex, std::defer_lock);
@@ -258,9 +210,9 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
     ++group;
     const int nc = std::get<0>(key);
     const DType dtype = static_cast<DType>(std::get<1>(key));
-    const Mode mode = static_cast<Mode>(std::get<2>(key));
-    const int smem = mode != Mode::kPlain ? stage_bytes(dtype, nc, warps) : 0;
-    const KernelFn kernel = kernel_for(dtype, nc, mode);
+    const bool stage = std::get<2>(key) != 0;
+    const int smem = stage ? stage_bytes(dtype, nc, warps) : 0;
+    const KernelFn kernel = kernel_for(dtype, nc, stage);
     const std::int64_t resident = static_cast<std::int64_t>(blocks_per_sm(reinterpret_cast<const void*>(kernel), warps, smem, device)) * sms;
     for (std::size_t first = 0; first < members.size(); first += kMaxLayers) {
       const std::size_t last = std::min(members.size(), first + kMaxLayers);
@@ -281,7 +233,6 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
         const MaskLayerArgs& a = *members[i];
         VecLayer& l = launch.layers[i - first];
         fill_mask_layer(l, a);
-        if (mode == Mode::kStageLane) l.norms = reinterpret_cast<const float*>(a.lane_norms);
         l.n_vec = static_cast<int>(a.S * a.T);
         l.span = static_cast<int>(ceil_div(l.n_vec, std::min<std::int64_t>(pieces, l.n_vec)));
         l.n_spans = static_cast<int>(ceil_div(l.n_vec, l.span));

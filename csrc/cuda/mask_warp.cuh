@@ -87,26 +87,8 @@ __device__ __forceinline__ Norm8 load_norm8(const float* row, int block) {
   return Norm8{__ldg(p), __ldg(p + 1)};
 }
 
-// Lane order (opt-in, MEMLOC_CUDA_MASK_LANE=1; unmeasured on a GPU): the norm rows of the staged
-// (batched) warp kernels for f16/bf16 weights are then permuted so that in each 256-column chunk,
-// float4 slot l (l < 32) holds columns 8l .. 8l+3 of the chunk and slot 32 + l columns 8l+4 ..
-// 8l+7, so that each of a warp's two 16-byte norm loads reads 512 contiguous bytes (the natural
-// order's 32-byte lane stride spreads each over 1024). Rows are padded to lane_width(d_in) floats;
-// permute_norms (mask_warp.cu) writes them.
-__host__ __device__ __forceinline__ int lane_width(int d_in) { return (d_in + 255) & ~255; }
-__device__ __forceinline__ Norm8 load_lane_norm8(const float* row, int block) {
-  const float4* p = reinterpret_cast<const float4*>(row) + (block + (block & ~31));  // 64 (b / 32) + b % 32
-  return Norm8{__ldg(p), __ldg(p + 32)};
-}
-// The norms of one block from the row being scored, in lane order when kLane.
-template <bool kLane>
-__device__ __forceinline__ Norm8 load_nrow8(const float* row, int block) {
-  return kLane ? load_lane_norm8(row, block) : load_norm8(row, block);
-}
-
-// One warp's view of its weight row: global memory, or the copy in shared memory (kStage). kLane:
-// the norm rows scored with it are in lane order (load_lane_norm8).
-template <typename T, bool kStage, bool kLane = false>
+// One warp's view of its weight row: global memory, or the copy in shared memory (kStage).
+template <typename T, bool kStage>
 struct RowSource {
   const uint4* global;  // the row as 16-byte words
   const uint4* shared;  // kStage: this warp's copy
@@ -137,15 +119,15 @@ __device__ __forceinline__ void block_scores(const Raw8<T>& w, const Norm8& n, i
 // form is used: both forms behind a run-time test saved 65 of 635 pass-1 instructions at NC = 20
 // but raised the staged kernels' spills several-fold, e.g. 24 -> 92 bytes; a kernel template
 // parameter would double the 24 instantiations.)
-template <typename T, int NC, bool kStage, bool kFull, bool kLane>
-__device__ __forceinline__ void block_maxima(const RowSource<T, kStage, kLane>& src, const float* nrow, int n_blocks,
+template <typename T, int NC, bool kStage, bool kFull>
+__device__ __forceinline__ void block_maxima(const RowSource<T, kStage>& src, const float* nrow, int n_blocks,
                                              int lane, int (&bm)[NC]) {
 #pragma unroll
   for (int i = 0; i < NC; ++i) {
     const int b = i * 32 + lane;
     const int bc = kFull ? b : min(b, n_blocks - 1);
     int s[8];
-    block_scores<T>(src.load(bc), load_nrow8<kLane>(nrow, bc), s);
+    block_scores<T>(src.load(bc), load_norm8(nrow, bc), s);
     int m = s[0];
 #pragma unroll
     for (int j = 1; j < 8; ++j) m = max(m, s[j]);
@@ -166,8 +148,8 @@ __device__ __forceinline__ int warp_count(int local) { return static_cast<int>(_
 // Exact top-k + null test + OR for one (row, vector), streaming the row once per bisection step.
 // Orders scores by their int32 bits with the sign flipped to unsigned order (so that any bits,
 // even of -0.0, have a place); equal scores at the k-th place go to the lower column.
-template <typename T, bool kStage, bool kLane>
-__device__ void exact_row(const RowSource<T, kStage, kLane>& src, const float* nrow, const float* zrow, std::uint32_t* out_row,
+template <typename T, bool kStage>
+__device__ void exact_row(const RowSource<T, kStage>& src, const float* nrow, const float* zrow, std::uint32_t* out_row,
                           int n_blocks, int k, int lane) {
   auto key = [](int s) { return static_cast<std::uint32_t>(s) ^ 0x80000000u; };
   std::uint32_t tau = 0u;  // the largest t with count(key >= t) >= k: the k-th largest key
@@ -176,7 +158,7 @@ __device__ void exact_row(const RowSource<T, kStage, kLane>& src, const float* n
     int c = 0;
     for (int b = lane; b < n_blocks; b += 32) {
       int s[8];
-      block_scores<T>(src.load(b), load_nrow8<kLane>(nrow, b), s);
+      block_scores<T>(src.load(b), load_norm8(nrow, b), s);
 #pragma unroll
       for (int j = 0; j < 8; ++j) c += key(s[j]) >= probe ? 1 : 0;
     }
@@ -185,7 +167,7 @@ __device__ void exact_row(const RowSource<T, kStage, kLane>& src, const float* n
   int gt = 0;
   for (int b = lane; b < n_blocks; b += 32) {
     int s[8];
-    block_scores<T>(src.load(b), load_nrow8<kLane>(nrow, b), s);
+    block_scores<T>(src.load(b), load_norm8(nrow, b), s);
 #pragma unroll
     for (int j = 0; j < 8; ++j) gt += key(s[j]) > tau ? 1 : 0;
   }
@@ -197,7 +179,7 @@ __device__ void exact_row(const RowSource<T, kStage, kLane>& src, const float* n
     const int bc = real ? b : 0;
     const Raw8<T> w = src.load(bc);
     int s[8];
-    block_scores<T>(w, load_nrow8<kLane>(nrow, bc), s);
+    block_scores<T>(w, load_norm8(nrow, bc), s);
     unsigned eq = 0u;
 #pragma unroll
     for (int j = 0; j < 8; ++j) eq |= (real && key(s[j]) == tau) ? (1u << j) : 0u;
@@ -237,8 +219,8 @@ __device__ __forceinline__ void shrink(Count&& count, int& lo, long long& hi, in
 // Compact selection, after the list of the c_sel scores >= lo (columns in `cols`, scores in
 // `scores`, c_sel <= kCap): drop the smallest while more than k remain, then the null comparison
 // and one OR per column. False when equal scores straddle the k-th place (nothing written).
-template <typename T, bool kStage, bool kLane>
-__device__ __forceinline__ bool compact_finish(const RowSource<T, kStage, kLane>& src, const float* zrow,
+template <typename T, bool kStage>
+__device__ __forceinline__ bool compact_finish(const RowSource<T, kStage>& src, const float* zrow,
                                                std::uint32_t* out_row, const int* cols, const int* scores,
                                                int c_sel, int k, int lo, int lane) {
   int cs[kSlots], cc[kSlots];
@@ -274,8 +256,8 @@ __device__ __forceinline__ bool compact_finish(const RowSource<T, kStage, kLane>
 
 // One (row, vector) problem, steps 1-5 of the header. `guess`: the warm start, read and (when
 // `warm`) updated (-1: none). `stats`: the exact-path counter (may be null).
-template <typename T, int NC, bool kStage, bool kLane>
-__device__ __forceinline__ void solve_problem(bool warm, int* stats, const RowSource<T, kStage, kLane>& src,
+template <typename T, int NC, bool kStage>
+__device__ __forceinline__ void solve_problem(bool warm, int* stats, const RowSource<T, kStage>& src,
                                               const float* nrow, const float* zrow, std::uint32_t* out_row,
                                               int n_blocks, int k, int* list, int* scores, int lane, int& guess) {
   // 1. block maxima
@@ -350,7 +332,7 @@ __device__ __forceinline__ void solve_problem(bool warm, int* stats, const RowSo
         blk[q] = slot < n_listed ? list[slot] : -1;
         const int bc = max(blk[q], 0);
         int s[8];
-        block_scores<T>(src.load(bc), load_nrow8<kLane>(nrow, bc), s);
+        block_scores<T>(src.load(bc), load_norm8(nrow, bc), s);
         int m = -1;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {

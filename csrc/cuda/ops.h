@@ -18,13 +18,9 @@ enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3
 // One layer of memorized_mask: weight [d_out, d_in] of `dtype` (f16/bf16/f32); norms and
 // null_norms float32 [S, T, d_in], the IEEE square roots of sumsq (taken in Python with torch.sqrt
 // so they are the reference's bits); out int32 [S, d_out, ceil(d_in / 32)] that the result is
-// OR-ed into; k selected columns per row, 1 <= k <= d_in. lane_norms: 0, or float32 scratch of
-// S * T * (d_in rounded up to a multiple of 256) elements, 16-byte aligned, that the warp kernel's
-// batched (staged) form for f16/bf16 weights fills with the norms in its lane order and reads
-// them so; without it those kernels read `norms` (the backend passes it only when
-// MEMLOC_CUDA_MASK_LANE=1).
+// OR-ed into; k selected columns per row, 1 <= k <= d_in.
 struct MaskLayerArgs {
-  std::uintptr_t weight = 0, norms = 0, null_norms = 0, out = 0, lane_norms = 0;
+  std::uintptr_t weight = 0, norms = 0, null_norms = 0, out = 0;
   int dtype = 0;
   std::int64_t d_out = 0, d_in = 0, k = 0, S = 0, T = 0;
 };

@@ -8,8 +8,6 @@ kernels. ``memloc_kernels.ops`` has validated and canonicalized every input befo
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .. import reference as ref
@@ -53,18 +51,6 @@ def warp_kernel_takes(d_in: int, k: int) -> bool:
     d_in a multiple of 8 up to 8192, k at most 96 and at most d_in / 8. Other layers run the block
     kernel (``memorized_mask.cu``)."""
     return d_in % 8 == 0 and d_in <= 8192 and k <= 96 and k <= d_in // 8
-
-
-def _lane_norms(weight: torch.Tensor, sumsq: torch.Tensor, k: int) -> torch.Tensor | None:
-    """Opt-in (``MEMLOC_CUDA_MASK_LANE=1``, read per call; not yet measured on a GPU): scratch for
-    the batched warp kernel's norms in lane order (``csrc/cuda/mask_warp.cuh``, ``load_lane_norm8``),
-    float32, S * T rows of d_in rounded up to 256. None otherwise, and for a single vector, float32
-    weights or a layer the warp kernel does not take: those read the norms in their natural order."""
-    S, T, d_in = sumsq.shape
-    wanted = os.environ.get("MEMLOC_CUDA_MASK_LANE") == "1"
-    if not wanted or S * T == 1 or weight.element_size() != 2 or not warp_kernel_takes(d_in, k):
-        return None
-    return torch.empty(S * T * ((d_in + 255) // 256 * 256), dtype=torch.float32, device=weight.device)
 
 
 def exact_path_counter(device: torch.device) -> torch.Tensor:
@@ -159,7 +145,6 @@ class CudaBackend:
         # list keeps the norms allocated until the kernels are enqueued; torch then frees them in
         # stream order.
         norms = _norms([layer[1] for layer in layers] + [layer[2] for layer in layers])
-        lanes = [_lane_norms(w, s, k) for w, s, _, k, _ in layers]  # kept allocated like the norms
         n = len(layers)
         stream, device = _launch_args(weights[0])
         _C.cuda_memorized_mask_multi(
@@ -176,7 +161,6 @@ class CudaBackend:
             stream,
             device,
             exact_path_counter(weights[0].device).data_ptr(),
-            [0 if t is None else t.data_ptr() for t in lanes],
         )
 
     def pack_mask(self, mask):
