@@ -157,8 +157,10 @@ def test_memorized_mask_on_a_side_stream(cuda):
 # --- the warp kernel (mask_warp.cu) and the block kernel (memorized_mask.cu) ---------------------
 
 # d_in multiples of 8 (the warp kernel's blocks) at the edges of its 256-column chunks and of its
-# compiled chunk counts (5, 10, 20, 32): one block, one chunk, partial chunks, 8192.
-WARP_SHAPES = [(5, 8), (3, 256), (4, 1000), (6, 1288), (2, 2568), (3, 5128), (2, 8192)]
+# compiled chunk counts (5, 10, 20, 32): one block, one chunk, partial chunks, and rows that fill
+# every chunk of their count (1280, 2560, 5120, 8192: the full-width kernels).
+WARP_SHAPES = [(5, 8), (3, 256), (4, 1000), (6, 1288), (2, 2568), (3, 5128), (2, 8192), (3, 1280), (2, 2560),
+               (2, 5120)]
 
 
 @pytest.mark.gpu
@@ -353,6 +355,25 @@ def test_memorized_masks_warp_kernel_all_widths_in_one_call(cuda, monkeypatch, l
     monkeypatch.setenv("MEMLOC_CUDA_MASK_WARPS", warps)
     shapes = [(1283, 1280), (7, 5128), (645, 2560), (1301, 5120), (3, 8192), (9, 8), (1, 2568)]
     _check_layers(*_layers(shapes, cuda, lead=lead), 0.01, "reference")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("warps", ["1", "4"])
+@pytest.mark.parametrize("lead", [(), (3, 2)], ids=["one-vector", "S3xT2"])
+def test_memorized_masks_warp_kernel_full_and_partial_rows_of_one_chunk_count(cuda, monkeypatch, lead, warps):
+    # Rows that fill all their chunks take the full-width kernels (compile-time offsets, nothing
+    # clamped), rows of the same chunk count with a partial last chunk the clamped ones: one call
+    # with both per chunk count (5: 1280 / 1032, 10: 2560 / 2312, 20: 5120 / 4872), so each count
+    # has two launch groups; f16, bf16 and f32, all-zero rows (the exact path).
+    monkeypatch.setenv("MEMLOC_CUDA_MASK", "warp")
+    monkeypatch.setenv("MEMLOC_CUDA_MASK_WARPS", warps)
+    shapes = [(33, 1280), (17, 1032), (9, 2560), (5, 2312), (6, 5120), (3, 4872)]
+    weights, sumsqs, nulls = _layers(shapes, cuda, lead=lead)
+    weights[1] = weights[1].to(torch.bfloat16)
+    weights[4] = weights[4].float()
+    weights[0][::8] = 0
+    weights[4][1::3] = 0
+    _check_layers(weights, sumsqs, nulls, 0.01, "reference")
 
 
 @pytest.mark.gpu
