@@ -113,7 +113,7 @@ __device__ __forceinline__ void block_scores(const Raw8<T>& w, const Norm8& n, i
   for (int j = 0; j < 8; ++j) s[j] = __float_as_int(__fmul_rn(abs_elem<T>(w, j), n[j]));
 }
 
-// Pass 1: the maximum score of each of the lane's blocks (-1 past the row). kFull: the row fills
+// Pass 1: the maximum score of each of the lane's blocks, at least -1 (-1 past the row). kFull: the row fills
 // all NC chunks (every SD/SDXL width), so the addresses are compile-time offsets and nothing is
 // clamped; else loads are clamped to a real block, so the pass is branch-free. (Only the clamped
 // form is used: both forms behind a run-time test saved 65 of 635 pass-1 instructions at NC = 20
@@ -128,9 +128,9 @@ __device__ __forceinline__ void block_maxima(const RowSource<T, kStage>& src, co
     const int bc = kFull ? b : min(b, n_blocks - 1);
     int s[8];
     block_scores<T>(src.load(bc), load_norm8(nrow, bc), s);
-    int m = s[0];
+    int m = -1;  // also clamps the negative bits of -0.0 / negative-NaN scores to -1 (count_below)
 #pragma unroll
-    for (int j = 1; j < 8; ++j) m = max(m, s[j]);
+    for (int j = 0; j < 8; ++j) m = max(m, s[j]);
     bm[i] = kFull || b < n_blocks ? m : -1;
   }
 }
@@ -200,6 +200,39 @@ __device__ void exact_row(const RowSource<T, kStage>& src, const float* nrow, co
   }
 }
 
+// How many of the values v[0..N) lie below t, for values >= -1 and 0 <= t < 2^31: then v - t as
+// 32-bit unsigned has its top bit set exactly when v < t, so each value costs a subtraction and a
+// shift-add (a compare-and-increment chain costs three dependent instructions). Two sums halve
+// the dependency chain.
+template <int N>
+__device__ __forceinline__ int count_below(const int (&v)[N], int t) {
+  unsigned a = 0u, b = 0u;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const unsigned top = (static_cast<unsigned>(v[i]) - static_cast<unsigned>(t)) >> 31;
+    if (i % 2) b += top; else a += top;
+  }
+  return static_cast<int>(a + b);
+}
+
+// The warp kernel's bracket shrink (as `shrink` below, in 32-bit arithmetic): needs
+// 0 <= lo < hi <= 2^31, which the fast path's bracket satisfies (some block maximum >= lo >= 0).
+template <typename Count>
+__device__ __forceinline__ void bisect(Count&& count, int& lo, long long& hi, int& c_lo, int k, int stop) {
+  unsigned top = static_cast<unsigned>(hi);
+  while (c_lo > stop && top - static_cast<unsigned>(lo) > 1u) {
+    const int mid = lo + static_cast<int>((top - static_cast<unsigned>(lo)) >> 1);
+    const int c = count(mid);
+    if (c >= k) {
+      lo = mid;
+      c_lo = c;
+    } else {
+      top = static_cast<unsigned>(mid);
+    }
+  }
+  hi = top;
+}
+
 // Shrinks the bracket (c_lo = count(lo) >= k > count(hi)) by halving it while more than
 // `stop` values reach lo and it holds a value between its ends.
 template <typename Count>
@@ -263,12 +296,7 @@ __device__ __forceinline__ void solve_problem(bool warm, int* stats, const RowSo
   // 1. block maxima
   int bm[NC];
   block_maxima<T, NC, kStage, false>(src, nrow, n_blocks, lane, bm);
-  auto count_bm = [&](int t) {
-    int c = 0;
-#pragma unroll
-    for (int i = 0; i < NC; ++i) c += bm[i] >= t ? 1 : 0;
-    return warp_count(c);
-  };
+  auto count_bm = [&](int t) { return warp_count(NC - count_below(bm, t)); };  // t >= 0 at every call
 
   // 2. a bound lo reached by k to kCap block maxima: from the warm guess (a little below the
   //    previous vector's k-th largest block maximum), else 8 octaves below the top
@@ -300,7 +328,7 @@ __device__ __forceinline__ void solve_problem(bool warm, int* stats, const RowSo
     }
   }
   bool fast = c_lo >= k;
-  if (fast) shrink(count_bm, lo, hi, c_lo, k, kCap);
+  if (fast) bisect(count_bm, lo, hi, c_lo, k, kCap);
   fast = fast && c_lo <= kCap;
 
   if (fast) {
@@ -345,13 +373,8 @@ __device__ __forceinline__ void solve_problem(bool warm, int* stats, const RowSo
     __syncwarp();  // the list is read before the next vector rewrites it
 
     // 4a. lo = the k-th largest listed block maximum
-    auto count_bmx = [&](int t) {
-      int c = 0;
-#pragma unroll
-      for (int q = 0; q < kSlots; ++q) c += bmx[q] >= t ? 1 : 0;
-      return warp_count(c);
-    };
-    shrink(count_bmx, lo, hi, c_lo, k, k);
+    auto count_bmx = [&](int t) { return warp_count(kSlots - count_below(bmx, t)); };  // bmx >= -1
+    bisect(count_bmx, lo, hi, c_lo, k, k);
     if (c_lo == k) {  // exactly k blocks reach lo: raise it to the least of their maxima
       int m = kIntMax;
 #pragma unroll
