@@ -30,8 +30,7 @@ ROWS: list[dict] = []
 # the backend's default, the warp kernel where it applies);
 # MEMLOC_CUDA_MASK_WARPS sets the warp kernel's rows per block (default 4);
 # MEMLOC_CUDA_MASK_WARM=0 turns its warm start off;
-# MEMLOC_CUDA_MASK_STREAMS=0 keeps its width groups' launches on the caller's stream;
-# MEMLOC_CUDA_MASK_FULL=0 / stage: no full-width kernels / only the staged (batched) ones.
+# MEMLOC_CUDA_MASK_STREAMS=0 keeps its width groups' launches on the caller's stream.
 PROVIDERS = [("reference", "reference", {}), ("triton", "triton", {}), ("triton-regs", "triton", {"stream": "regs"}),
              ("triton-regs168", "triton", {"stream": "regs", "maxnreg": 168}),
              ("triton-regs-nocap", "triton", {"stream": "regs", "maxnreg": 0}),
@@ -42,11 +41,8 @@ PROVIDERS = [("reference", "reference", {}), ("triton", "triton", {}), ("triton-
              ("cuda-warp8", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_WARPS": "8"}),
              ("cuda-warp-cold", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_WARM": "0"}),
              ("cuda-warp-serial", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_STREAMS": "0"}),
-             ("cuda-nofull", "cuda", {"MEMLOC_CUDA_MASK_FULL": "0"}),
-             ("cuda-fullstage", "cuda", {"MEMLOC_CUDA_MASK_FULL": "stage"}),
              ("cuda-block", "cuda", {"MEMLOC_CUDA_MASK": "block"})]
-KNOBS = ("MEMLOC_CUDA_MASK", "MEMLOC_CUDA_MASK_WARPS", "MEMLOC_CUDA_MASK_WARM", "MEMLOC_CUDA_MASK_STREAMS",
-         "MEMLOC_CUDA_MASK_FULL")
+KNOBS = ("MEMLOC_CUDA_MASK", "MEMLOC_CUDA_MASK_WARPS", "MEMLOC_CUDA_MASK_WARM", "MEMLOC_CUDA_MASK_STREAMS")
 
 
 def run(label, shapes, lead, heavy=False, rep=100):

@@ -30,10 +30,8 @@
 //
 // Non-negative floats (and NaN, above +inf, as in torch.topk) order like their int32 bits, so all
 // comparisons are on int32; padding is -1. Batched launches (several vectors per warp) first copy
-// each warp's weight row to shared memory (kStage), so that W is read from HBM once per item. Rows
-// that fill all their chunks (d_in == 256 NC: every SD / SDXL width) take kernels compiled for that
-// (kFull: pass 1 loads at compile-time offsets from one lane pointer, no clamps). One launch per
-// (chunks, dtype, staging, full) group; when a call has more than one, the launches after the
+// each warp's weight row to shared memory (kStage), so that W is read from HBM once per item. One
+// launch per (chunks, dtype, staging) group; when a call has more than one, the launches after the
 // first go to two side streams forked from and joined into the caller's stream
 // (MEMLOC_CUDA_MASK_STREAMS=0: all on the caller's stream). MEMLOC_CUDA_MASK_WARPS sets the rows
 // (warps) per block, MEMLOC_CUDA_MASK=block|warp which kernel eligible layers take.
@@ -67,9 +65,7 @@ struct WLaunch {
 };
 static_assert(sizeof(WLaunch) <= 4000, "the layer table must fit the kernel parameter space");
 
-// kFull: every layer of the launch has d_in == 256 NC (all SD / SDXL widths), so row strides and
-// pass 1's offsets are compile-time constants.
-template <typename T, int NC, bool kStage, bool kFull>
+template <typename T, int NC, bool kStage>
 __global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_constant__ WLaunch launch) {
   extern __shared__ uint4 s_rows[];  // kStage: each warp's weight row
   __shared__ int s_list[kWarps][kCap];
@@ -84,7 +80,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_
   const int item = item_id - ly.item_begin;
   const int row = (item / ly.n_spans) * launch.warps + warp;
   if (row >= ly.d_out) return;  // no block-wide barrier below: each warp works alone
-  const int d_in = kFull ? NC * 256 : ly.d_in;
+  const int d_in = ly.d_in;
   const int k = ly.k;
   const int n_blocks = d_in >> 3;
   const int n_words = (d_in + 31) >> 5;
@@ -104,35 +100,34 @@ __global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_
     const float* nrow = ly.norms + static_cast<std::size_t>(v) * d_in;
     const float* zrow = ly.null_norms + static_cast<std::size_t>(v) * d_in;
     std::uint32_t* out_row = ly.out + (static_cast<std::size_t>(v / ly.T) * ly.d_out + row) * n_words;
-    solve_problem<T, NC, kStage, kFull>(launch.warm != 0, launch.stats, src, nrow, zrow, out_row, n_blocks, k, s_list[warp],
+    solve_problem<T, NC, kStage>(launch.warm != 0, launch.stats, src, nrow, zrow, out_row, n_blocks, k, s_list[warp],
                                  s_scores[warp], lane, guess);
   }
 }
 
 using KernelFn = void (*)(WLaunch);
 
-template <typename T, bool kStage, bool kFull>
+template <typename T, bool kStage>
 KernelFn kernel_for_nc(int nc) {
   switch (nc) {
-    case 5: return mask_warp_kernel<T, 5, kStage, kFull>;
-    case 10: return mask_warp_kernel<T, 10, kStage, kFull>;
-    case 20: return mask_warp_kernel<T, 20, kStage, kFull>;
-    case 32: return mask_warp_kernel<T, 32, kStage, kFull>;
+    case 5: return mask_warp_kernel<T, 5, kStage>;
+    case 10: return mask_warp_kernel<T, 10, kStage>;
+    case 20: return mask_warp_kernel<T, 20, kStage>;
+    case 32: return mask_warp_kernel<T, 32, kStage>;
     default: throw std::logic_error("memorized_mask (warp): no kernel for " + std::to_string(nc) + " chunks");
   }
 }
 
 template <typename T>
-KernelFn kernel_for_form(int nc, bool stage, bool full) {
-  if (stage) return full ? kernel_for_nc<T, true, true>(nc) : kernel_for_nc<T, true, false>(nc);
-  return full ? kernel_for_nc<T, false, true>(nc) : kernel_for_nc<T, false, false>(nc);
+KernelFn kernel_for_stage(int nc, bool stage) {
+  return stage ? kernel_for_nc<T, true>(nc) : kernel_for_nc<T, false>(nc);
 }
 
-KernelFn kernel_for(DType dtype, int nc, bool stage, bool full) {
+KernelFn kernel_for(DType dtype, int nc, bool stage) {
   switch (dtype) {
-    case DType::kFloat16: return kernel_for_form<__half>(nc, stage, full);
-    case DType::kBFloat16: return kernel_for_form<__nv_bfloat16>(nc, stage, full);
-    case DType::kFloat32: return kernel_for_form<float>(nc, stage, full);
+    case DType::kFloat16: return kernel_for_stage<__half>(nc, stage);
+    case DType::kBFloat16: return kernel_for_stage<__nv_bfloat16>(nc, stage);
+    case DType::kFloat32: return kernel_for_stage<float>(nc, stage);
     default: throw std::invalid_argument("memorized_mask: weight must be float16, bfloat16 or float32");
   }
 }
@@ -145,11 +140,6 @@ bool env_is(const char* name, const char* value) {
 }
 bool warm_start() { return !env_is("MEMLOC_CUDA_MASK_WARM", "0"); }
 bool side_streams_on() { return !env_is("MEMLOC_CUDA_MASK_STREAMS", "0"); }
-// MEMLOC_CUDA_MASK_FULL (an ablation): 0, no full-width kernels; stage, only the staged (batched)
-// ones; unset or anything else, all.
-bool full_kernels(bool stage) {
-  return !env_is("MEMLOC_CUDA_MASK_FULL", "0") && (stage || !env_is("MEMLOC_CUDA_MASK_FULL", "stage"));
-}
 
 int stage_bytes(DType dtype, int nc, int warps) { return warps * nc * 256 * element_size(dtype); }
 
@@ -198,13 +188,12 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
   DeviceGuard guard(device);
   const int sms = sm_count(device);
   const int warps = block_warps();
-  // One launch per (chunks, dtype, staging, full width); the widest rows first.
-  std::map<std::tuple<int, int, int, int>, std::vector<const MaskLayerArgs*>, std::greater<>> groups;
+  // One launch per (chunks, dtype, staging); the widest rows first.
+  std::map<std::tuple<int, int, int>, std::vector<const MaskLayerArgs*>, std::greater<>> groups;
   for (const MaskLayerArgs* a : layers) {
     const int nc = chunks_for(a->d_in);
     const bool stage = a->S * a->T > 1 && stage_bytes(static_cast<DType>(a->dtype), nc, warps) <= kMaxStageBytes;
-    const bool full = a->d_in == 256LL * nc && full_kernels(stage);
-    groups[{nc, a->dtype, stage ? 1 : 0, full ? 1 : 0}].push_back(a);
+    groups[{nc, a->dtype, stage ? 1 : 0}].push_back(a);
   }
   const bool fork = groups.size() > 1 && side_streams_on();
   std::unique_lock<std::mutex> side_lock(side_mutex, std::defer_lock);
@@ -223,7 +212,7 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
     const DType dtype = static_cast<DType>(std::get<1>(key));
     const bool stage = std::get<2>(key) != 0;
     const int smem = stage ? stage_bytes(dtype, nc, warps) : 0;
-    const KernelFn kernel = kernel_for(dtype, nc, stage, std::get<3>(key) != 0);
+    const KernelFn kernel = kernel_for(dtype, nc, stage);
     const std::int64_t resident = static_cast<std::int64_t>(blocks_per_sm(reinterpret_cast<const void*>(kernel), warps, smem, device)) * sms;
     for (std::size_t first = 0; first < members.size(); first += kMaxLayers) {
       const std::size_t last = std::min(members.size(), first + kMaxLayers);

@@ -115,29 +115,19 @@ __device__ __forceinline__ void block_scores(const Raw8<T>& w, const Norm8& n, i
 
 // Pass 1: the maximum score of each of the lane's blocks, at least -1 (-1 past the row). kFull: the row fills
 // all NC chunks (every SD/SDXL width), so the addresses are compile-time offsets and nothing is
-// clamped; else loads are clamped to a real block, so the pass is branch-free. (Both forms behind
-// one run-time test raised the staged kernels' spills several-fold, e.g. 24 -> 92 bytes, so the
-// warp kernel takes kFull as a template parameter: one instantiation per form.)
+// clamped; else loads are clamped to a real block, so the pass is branch-free. (Only the clamped
+// form is used: both forms behind a run-time test saved 65 of 635 pass-1 instructions at NC = 20
+// but raised the staged kernels' spills several-fold, e.g. 24 -> 92 bytes; a kernel template
+// parameter would double the 24 instantiations.)
 template <typename T, int NC, bool kStage, bool kFull>
 __device__ __forceinline__ void block_maxima(const RowSource<T, kStage>& src, const float* nrow, int n_blocks,
                                              int lane, int (&bm)[NC]) {
-  constexpr int kQ = sizeof(T) / 2;
-  // kFull: the lane's first block; chunk i then sits at a compile-time offset from it
-  const uint4* w_lane = (kStage ? src.shared : src.global) + lane * kQ;
-  const float4* n_lane = reinterpret_cast<const float4*>(nrow) + 2 * lane;
 #pragma unroll
   for (int i = 0; i < NC; ++i) {
     const int b = i * 32 + lane;
     const int bc = kFull ? b : min(b, n_blocks - 1);
     int s[8];
-    if constexpr (kFull) {
-      Raw8<T> w;
-#pragma unroll
-      for (int q = 0; q < kQ; ++q) w.q[q] = kStage ? w_lane[i * 32 * kQ + q] : __ldg(w_lane + i * 32 * kQ + q);
-      block_scores<T>(w, Norm8{__ldg(n_lane + 64 * i), __ldg(n_lane + 64 * i + 1)}, s);
-    } else {
-      block_scores<T>(src.load(bc), load_norm8(nrow, bc), s);
-    }
+    block_scores<T>(src.load(bc), load_norm8(nrow, bc), s);
     int m = -1;  // also clamps the negative bits of -0.0 / negative-NaN scores to -1 (count_below)
 #pragma unroll
     for (int j = 0; j < 8; ++j) m = max(m, s[j]);
@@ -298,16 +288,14 @@ __device__ __forceinline__ bool compact_finish(const RowSource<T, kStage>& src, 
 }
 
 // One (row, vector) problem, steps 1-5 of the header. `guess`: the warm start, read and (when
-// `warm`) updated (-1: none). `stats`: the exact-path counter (may be null). kFull: the row fills
-// all NC chunks (n_blocks == 32 NC), so pass 1 loads at compile-time offsets, unclamped.
-template <typename T, int NC, bool kStage, bool kFull = false>
+// `warm`) updated (-1: none). `stats`: the exact-path counter (may be null).
+template <typename T, int NC, bool kStage>
 __device__ __forceinline__ void solve_problem(bool warm, int* stats, const RowSource<T, kStage>& src,
                                               const float* nrow, const float* zrow, std::uint32_t* out_row,
                                               int n_blocks, int k, int* list, int* scores, int lane, int& guess) {
-  if (kFull) n_blocks = NC * 32;
   // 1. block maxima
   int bm[NC];
-  block_maxima<T, NC, kStage, kFull>(src, nrow, n_blocks, lane, bm);
+  block_maxima<T, NC, kStage, false>(src, nrow, n_blocks, lane, bm);
   auto count_bm = [&](int t) { return warp_count(NC - count_below(bm, t)); };  // t >= 0 at every call
 
   // 2. a bound lo reached by k to kCap block maxima: from the warm guess (a little below the
