@@ -113,12 +113,12 @@ __device__ __forceinline__ void block_scores(const Raw8<T>& w, const Norm8& n, i
   for (int j = 0; j < 8; ++j) s[j] = __float_as_int(__fmul_rn(abs_elem<T>(w, j), n[j]));
 }
 
-// Pass 1: the maximum score of each of the lane's blocks, at least -1 (-1 past the row). kFull: the row fills
-// all NC chunks (every SD/SDXL width), so the addresses are compile-time offsets and nothing is
-// clamped; else loads are clamped to a real block, so the pass is branch-free. (Only the clamped
-// form is used: both forms behind a run-time test saved 65 of 635 pass-1 instructions at NC = 20
-// but raised the staged kernels' spills several-fold, e.g. 24 -> 92 bytes; a kernel template
-// parameter would double the 24 instantiations.)
+// Pass 1: the maximum score of each of the lane's blocks, at least -1 (-1 past the row). kFull: the
+// row fills all NC chunks (every SD/SDXL width), so nothing is clamped; else loads are clamped to
+// a real block, so the pass is branch-free. (Only the clamped form is used. Both forms behind a
+// run-time test raised the staged kernels' spills several-fold; full-width kernels as a template
+// parameter, with compile-time offsets, cut pass 1 from 667 to 512 instructions at NC = 20 but
+// measured no faster, twelfth session, BENCHMARKS.md.)
 template <typename T, int NC, bool kStage, bool kFull>
 __device__ __forceinline__ void block_maxima(const RowSource<T, kStage>& src, const float* nrow, int n_blocks,
                                              int lane, int (&bm)[NC]) {
