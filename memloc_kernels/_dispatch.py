@@ -24,8 +24,8 @@ BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
 
 # Per op and device type, the order in which "auto" tries backends. For CUDA tensors this is the
 # ranking measured on an H200 (BENCHMARKS.md, "GPU backends side by side"), and for memorized_mask
-# on an H100 (tenth session, commit 1c01674; cuda = its warp kernel, mask_warp.cu):
-#   memorized_mask  SD1.5 x1: cuda 63.5 us, triton 124.0 us; batched: cuda 33.0, triton 96.3 us/vector
+# on an H100 (twelfth session, commit 4b3c392; cuda = its warp kernel, mask_warp.cu):
+#   memorized_mask  SD1.5 x1: cuda 61.5 us, triton 123.7 us; batched: cuda 30.5, triton 96.5 us/vector
 #                   (the block kernel it replaced for these layers: 187.1 / 149.9 us); layers the
 #                   warp kernel does not take go to Triton under "auto" (select_memorized_mask)
 #   mask_iou (mask_intersections) 1000 SD1.5 masks: cuda 0.24 s, triton 0.65 s (popcount kernel)

@@ -113,25 +113,23 @@ __device__ __forceinline__ void block_scores(const Raw8<T>& w, const Norm8& n, i
   for (int j = 0; j < 8; ++j) s[j] = __float_as_int(__fmul_rn(abs_elem<T>(w, j), n[j]));
 }
 
-// Pass 1: the maximum score of each of the lane's blocks, at least -1 (-1 past the row). kFull: the
-// row fills all NC chunks (every SD/SDXL width), so nothing is clamped; else loads are clamped to
-// a real block, so the pass is branch-free. (Only the clamped form is used. Both forms behind a
-// run-time test raised the staged kernels' spills several-fold; full-width kernels as a template
-// parameter, with compile-time offsets, cut pass 1 from 667 to 512 instructions at NC = 20 but
-// measured no faster, twelfth session, BENCHMARKS.md.)
-template <typename T, int NC, bool kStage, bool kFull>
+// Pass 1: the maximum score of each of the lane's blocks, at least -1 (-1 past the row). Loads are
+// clamped to a real block, so the pass is branch-free. (Kernels for rows that fill all NC chunks,
+// with compile-time offsets and nothing clamped, cut pass 1 from 667 to 512 instructions at NC = 20
+// but measured no faster: twelfth session, BENCHMARKS.md.)
+template <typename T, int NC, bool kStage>
 __device__ __forceinline__ void block_maxima(const RowSource<T, kStage>& src, const float* nrow, int n_blocks,
                                              int lane, int (&bm)[NC]) {
 #pragma unroll
   for (int i = 0; i < NC; ++i) {
     const int b = i * 32 + lane;
-    const int bc = kFull ? b : min(b, n_blocks - 1);
+    const int bc = min(b, n_blocks - 1);
     int s[8];
     block_scores<T>(src.load(bc), load_norm8(nrow, bc), s);
     int m = -1;  // also clamps the negative bits of -0.0 / negative-NaN scores to -1 (count_below)
 #pragma unroll
     for (int j = 0; j < 8; ++j) m = max(m, s[j]);
-    bm[i] = kFull || b < n_blocks ? m : -1;
+    bm[i] = b < n_blocks ? m : -1;
   }
 }
 
@@ -295,7 +293,7 @@ __device__ __forceinline__ void solve_problem(bool warm, int* stats, const RowSo
                                               int n_blocks, int k, int* list, int* scores, int lane, int& guess) {
   // 1. block maxima
   int bm[NC];
-  block_maxima<T, NC, kStage, false>(src, nrow, n_blocks, lane, bm);
+  block_maxima<T, NC, kStage>(src, nrow, n_blocks, lane, bm);
   auto count_bm = [&](int t) { return warp_count(NC - count_below(bm, t)); };  // t >= 0 at every call
 
   // 2. a bound lo reached by k to kCap block maxima: from the warm guess (a little below the
