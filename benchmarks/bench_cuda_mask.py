@@ -30,7 +30,8 @@ ROWS: list[dict] = []
 # the backend's default, the warp kernel where it applies);
 # MEMLOC_CUDA_MASK_WARPS sets the warp kernel's rows per block (default 4);
 # MEMLOC_CUDA_MASK_WARM=0 turns its warm start off;
-# MEMLOC_CUDA_MASK_STREAMS=0 keeps its width groups' launches on the caller's stream.
+# MEMLOC_CUDA_MASK_STREAMS=0 keeps its width groups' launches on the caller's stream;
+# MEMLOC_CUDA_MASK_BOUNDS=0 turns its bound path (batched calls) off.
 PROVIDERS = [("reference", "reference", {}), ("triton", "triton", {}), ("triton-regs", "triton", {"stream": "regs"}),
              ("triton-regs168", "triton", {"stream": "regs", "maxnreg": 168}),
              ("triton-regs-nocap", "triton", {"stream": "regs", "maxnreg": 0}),
@@ -41,13 +42,15 @@ PROVIDERS = [("reference", "reference", {}), ("triton", "triton", {}), ("triton-
              ("cuda-warp8", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_WARPS": "8"}),
              ("cuda-warp-cold", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_WARM": "0"}),
              ("cuda-warp-serial", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_STREAMS": "0"}),
+             ("cuda-nobounds", "cuda", {"MEMLOC_CUDA_MASK_BOUNDS": "0"}),
              ("cuda-block", "cuda", {"MEMLOC_CUDA_MASK": "block"})]
-KNOBS = ("MEMLOC_CUDA_MASK", "MEMLOC_CUDA_MASK_WARPS", "MEMLOC_CUDA_MASK_WARM", "MEMLOC_CUDA_MASK_STREAMS")
+KNOBS = ("MEMLOC_CUDA_MASK", "MEMLOC_CUDA_MASK_WARPS", "MEMLOC_CUDA_MASK_WARM", "MEMLOC_CUDA_MASK_STREAMS",
+         "MEMLOC_CUDA_MASK_BOUNDS")
 
 
 def run(label, shapes, lead, heavy=False, rep=100):
     import memloc_kernels as mk
-    from memloc_kernels.backends.cuda import exact_path_counter
+    from memloc_kernels.backends.cuda import exact_path_counter, loose_bound_counter
     from memloc_kernels.triton import _config, mask_stream
 
     weights, sumsqs, nulls = layer_stats(shapes, lead, heavy=heavy)
@@ -56,6 +59,7 @@ def run(label, shapes, lead, heavy=False, rep=100):
         per *= n
     wbytes = sum(w.numel() * w.element_size() for w in weights)
     counter = exact_path_counter(weights[0].device)
+    loose = loose_bound_counter(weights[0].device)
     for name, backend, env in PROVIDERS:
         if backend == "reference" and lead:
             continue  # batched scores do not fit (26 GB per layer for 1000 vectors)
@@ -69,11 +73,13 @@ def run(label, shapes, lead, heavy=False, rep=100):
         try:
             with ctx:
                 counter.zero_()
+                loose.zero_()
                 slow = mask_stream.slow_path_counter(weights[0].device)
                 slow.zero_()
                 bad = 0 if backend == "reference" else mismatches(mk, weights, sumsqs, nulls,
                                                                  subsets=2 if lead else None, backend=backend)
                 exact = int(counter.item()) + int(slow.item())
+                n_loose = int(loose.item())
                 if bad:
                     print(f"  MISMATCH {label} [{name}]: {bad} entries differ", flush=True)
                     continue
@@ -83,7 +89,7 @@ def run(label, shapes, lead, heavy=False, rep=100):
                 ms, timing = bench(fn, graph=not lead, rep=rep if backend != "reference" else 30)
                 med, p20, p80 = (x * 1e3 / per for x in ms)
                 gbps = wbytes / per / (med * 1e-6) / 1e9
-                note = f"exact-path problems {exact}"
+                note = f"exact-path problems {exact}" + (f", loose-bound problems {n_loose}" if lead else "")
                 ROWS.append({"op": "memorized_mask", "shape": label, "dtype": "float16", "backend": name,
                              "median_us": f"{med:.2f}", "p20_us": f"{p20:.2f}", "p80_us": f"{p80:.2f}",
                              "gbps": f"{gbps:.0f}", "gpu": gpu_name(), "date": _date(), "commit": git_commit(),

@@ -4,11 +4,12 @@
 # (benchmarks/ncu_cuda_mask.py --only ...). Writes, per call, the details page and the SASS source
 # page (executed instructions and stall samples per instruction, gzipped; summarize it with
 # scripts/ncu_regions.py) to $OUT. Run from the repository root after the extension is built.
+# KERNEL_RE: the kernel name pattern (default mask_warp; mask_bound for the bound path).
 set -uo pipefail
 OUT="${OUT:-$PWD/out/ncu_warp_regions}"
 mkdir -p "$OUT"
 for call in ${CALLS:-batched single}; do
-    timeout "${NCU_CALL_S:-150}" ncu --clock-control none --profile-from-start off --kernel-name regex:mask_warp \
+    timeout "${NCU_CALL_S:-150}" ncu --clock-control none --profile-from-start off --kernel-name "regex:${KERNEL_RE:-mask_warp}" \
         --launch-count 1 --set full --import-source yes -f -o "$OUT/warp_$call" \
         python benchmarks/ncu_cuda_mask.py --only "$call" > "$OUT/ncu_${call}.log" 2>&1
     echo "ncu rc $? after ${SECONDS} s" >> "$OUT/ncu_${call}.log"

@@ -439,6 +439,91 @@ def test_memorized_mask_warp_kernel_warm_start(cuda, monkeypatch, warm):
         assert_words_equal(*got, f"warm={warm} {d_out}x{d_in}")
 
 
+# The bound path (batched calls): block bounds from the pair maxima of |W| and of the norms, with
+# the block-maxima path as its fallback (mask_warp.cuh, solve_problem_bounds).
+BOUND_SHAPES = [(7, 1280), (5, 2568), (9, 5120), (3, 8192), (4, 1000), (6, 256)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bounds", ["1", "0"], ids=["bounds", "no-bounds"])
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
+@pytest.mark.parametrize("shape", BOUND_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_memorized_mask_warp_kernel_bound_path(cuda, monkeypatch, shape, dtype, bounds):
+    monkeypatch.setenv("MEMLOC_CUDA_MASK", "warp")
+    monkeypatch.setenv("MEMLOC_CUDA_MASK_BOUNDS", bounds)
+    loose = cuda_backend.loose_bound_counter(cuda)
+    loose.zero_()
+    weight = (torch.randn(shape) * 0.02).to(dtype)
+    sumsq, null_sumsq = random_stats(shape[1], 2, 3, device="cpu")
+    assert_words_equal(*masks(weight.to(cuda), sumsq.to(cuda), null_sumsq.to(cuda), 0.01, "reference"), bounds)
+    problems = shape[0] * 6
+    if bounds == "0":
+        assert int(loose.item()) == 0, "MEMLOC_CUDA_MASK_BOUNDS=0 keeps the block-maxima path"
+    else:  # random rows: the bounds nearly always list the top k
+        assert int(loose.item()) <= problems // 10, f"{int(loose.item())} of {problems} problems left the bound path"
+
+
+@pytest.mark.gpu
+def test_pair_norm_maxima_kernel(cuda):
+    norms = torch.rand(3, 2, 72) * 10
+    flat = norms.view(-1)
+    flat[[0, 5, 9, 20]] = torch.tensor([float("inf"), float("nan"), -0.0, 0.0])
+    flat[[30, 31]] = float("inf")
+    got = cuda_backend._pair_maxima(norms.to(cuda)).cpu()
+    expected = (norms.abs() + norms * 0).unflatten(-1, (-1, 2)).amax(-1)  # NaN where a pair is not finite
+    assert got.shape == (3, 2, 36)
+    assert torch.isnan(got.view(-1)[[0, 2, 15]]).all() and not torch.signbit(got.view(-1)[4])
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.gpu
+def test_memorized_mask_warp_kernel_loose_bounds_fall_back(cuda, monkeypatch):
+    # Within every column pair the large |w| meets the small norm and the other way round: the pair
+    # bounds (max |w| * max norm) overshoot every score about 1000 times, so the listed blocks never
+    # show k scores >= lo. Then equal bounds everywhere (no window of counts). Every problem goes to
+    # the block-maxima path and still matches the reference.
+    monkeypatch.setenv("MEMLOC_CUDA_MASK", "warp")
+    loose = cuda_backend.loose_bound_counter(cuda)
+    g = torch.Generator().manual_seed(5)
+    rows, d_in = 16, 2560
+    even = torch.arange(d_in) % 2 == 0
+    weight = torch.where(even, 1 + torch.rand(rows, d_in, generator=g), 1e-3 * torch.rand(rows, d_in, generator=g))
+    weight = (weight * torch.where(torch.rand(rows, d_in, generator=g) < 0.5, -1.0, 1.0)).half()
+    sumsq = torch.where(even, 1e-6 * torch.rand(2, 3, d_in, generator=g), 1 + torch.rand(2, 3, d_in, generator=g))
+    null_sumsq = torch.rand(2, 3, d_in, generator=g) * 1e-6
+    loose.zero_()
+    assert_words_equal(*masks(weight.to(cuda), sumsq.to(cuda), null_sumsq.to(cuda), 0.01, "reference"), "crossed")
+    assert int(loose.item()) == rows * 6, "crossed pairs: every problem leaves the bound path"
+    weight = torch.full((rows, d_in), 0.5).half()
+    ones = torch.ones(2, 3, d_in)
+    loose.zero_()
+    assert_words_equal(*masks(weight.to(cuda), ones.to(cuda), (ones / 4).to(cuda), 0.01, "reference"), "equal")
+    assert int(loose.item()) == rows * 6, "equal bounds: no window, every problem leaves the bound path"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bounds", ["1", "0"], ids=["bounds", "no-bounds"])
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
+def test_memorized_mask_warp_kernel_infinite_weights_and_statistics(cuda, monkeypatch, dtype, bounds):
+    # +-inf weights and inf statistics (check_finite=False): inf scores, tied, take the top places;
+    # a pair bound with an inf in it is NaN (above every score), so those blocks are always listed.
+    monkeypatch.setenv("MEMLOC_CUDA_MASK", "warp")
+    monkeypatch.setenv("MEMLOC_CUDA_MASK_BOUNDS", bounds)
+    g = torch.Generator().manual_seed(11)
+    weight = torch.randn(12, 2560, generator=g) * 0.02
+    weight = torch.where(weight.abs() < 1e-3, 1e-3, weight)  # no zero weights after the cast either
+    weight.view(-1)[torch.randperm(weight.numel(), generator=g)[:40]] = float("inf")
+    weight.view(-1)[torch.randperm(weight.numel(), generator=g)[:40]] = float("-inf")
+    weight = weight.to(dtype)
+    sumsq, null_sumsq = random_stats(2560, 2, 3, device="cpu")
+    sumsq = sumsq + 1e-3  # no zero statistics: inf * 0 would make NaN scores
+    sumsq.view(-1)[torch.randperm(sumsq.numel(), generator=g)[:30]] = float("inf")
+    args = (weight.to(cuda), sumsq.to(cuda), null_sumsq.to(cuda), 0.01)
+    got = mk.memorized_mask(*args, packed=True, check_finite=False, backend="cuda")
+    expected = mk.memorized_mask(*args, packed=True, check_finite=False, backend="reference")
+    assert_words_equal(got.words, expected.words, f"inf, bounds={bounds}")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["warp", "block"])
 @pytest.mark.parametrize("sparsity", [0.01, 0.3], ids=lambda s: f"s{s}")

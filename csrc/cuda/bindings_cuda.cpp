@@ -47,13 +47,17 @@ void register_cuda_ops(py::module_& m) {
       "OR into out [S, d_out, ceil(d_in/32)] int32 the union over T of (row top-k of |W| * norms, ties to the "
       "lower column) AND (score > |W| * null_norms); norms/null_norms are float32 [S, T, d_in] square roots.");
 
+  m.def("cuda_pair_norm_maxima", &memloc::cuda::pair_norm_maxima, py::arg("norms"), py::arg("n_pairs"),
+        py::arg("out"), py::arg("stream"), py::arg("device"), py::call_guard<py::gil_scoped_release>(),
+        "out float32 [n_pairs] = max(|norms[2i]|, |norms[2i + 1]|), NaN where either is not finite.");
+
   m.def(
       "cuda_memorized_mask_multi",
       [](const std::vector<uintptr_t>& weights, const std::vector<int>& dtypes, const std::vector<int64_t>& d_outs,
          const std::vector<int64_t>& d_ins, const std::vector<uintptr_t>& norms,
          const std::vector<uintptr_t>& null_norms, const std::vector<int64_t>& Ss, const std::vector<int64_t>& Ts,
          const std::vector<int64_t>& ks, const std::vector<uintptr_t>& outs, uintptr_t stream, int device,
-         uintptr_t stats) {
+         uintptr_t stats, const std::vector<uintptr_t>& pair_norms) {
         const std::size_t n = weights.size();
         require_len(dtypes, n, "dtypes");
         require_len(d_outs, n, "d_outs");
@@ -64,19 +68,25 @@ void register_cuda_ops(py::module_& m) {
         require_len(Ts, n, "Ts");
         require_len(ks, n, "ks");
         require_len(outs, n, "outs");
+        if (!pair_norms.empty()) require_len(pair_norms, n, "pair_norms");
         std::vector<MaskLayerArgs> layers(n);
         for (std::size_t i = 0; i < n; ++i) {
           MaskLayerArgs& a = layers[i];
           a.weight = weights[i], a.norms = norms[i], a.null_norms = null_norms[i], a.out = outs[i];
           a.dtype = dtypes[i], a.d_out = d_outs[i], a.d_in = d_ins[i], a.k = ks[i], a.S = Ss[i], a.T = Ts[i];
+          a.pair_norms = pair_norms.empty() ? 0 : pair_norms[i];
         }
         memloc::cuda::memorized_mask(layers, stream, device, stats);
       },
       py::arg("weights"), py::arg("dtypes"), py::arg("d_outs"), py::arg("d_ins"), py::arg("norms"),
       py::arg("null_norms"), py::arg("Ss"), py::arg("Ts"), py::arg("ks"), py::arg("outs"), py::arg("stream"),
-      py::arg("device"), py::arg("stats") = 0, py::call_guard<py::gil_scoped_release>(),
+      py::arg("device"), py::arg("stats") = 0, py::arg("pair_norms") = std::vector<uintptr_t>{},
+      py::call_guard<py::gil_scoped_release>(),
       "cuda_memorized_mask for several layers; layers of one shape class share a launch. stats: 0 or the "
-      "address of a device int32 counting the problems the warp kernel decided by its exact path.");
+      "address of a device int32 [2] counting the problems decided by an exact path and those the warp "
+      "kernel's bound path handed to its block-maxima path. pair_norms: empty, or per layer 0 or a float32 "
+      "[S, T, d_in / 2] of the larger norm of each column pair (NaN where either is not finite), which "
+      "batched calls of the warp kernel use for their bounds.");
 
   m.def("cuda_wanda_scores", &memloc::cuda::wanda_scores, py::arg("weight"), py::arg("dtype"), py::arg("d_out"),
         py::arg("d_in"), py::arg("norms"), py::arg("S"), py::arg("out"), py::arg("stream"), py::arg("device"),

@@ -53,6 +53,9 @@ constexpr int kWarps = 8;            // warps (rows) per block at most: they sha
 constexpr int kDefaultWarps = 4;     // H100, SD1.5: 63.5 us with 4, 64.8 with 8 (BENCHMARKS.md)
 constexpr int kMaxLayers = 48;
 constexpr int kMaxStageBytes = 96 * 1024;
+// The bound path lists at most kCap blocks, and pair bounds need about 1.7 k of them to show k
+// scores: with k above this, nearly every problem would leave it (measured: k = 81 at d_in 8192).
+constexpr int kBoundMaxK = 64;
 // Whether eligible layers take this kernel when MEMLOC_CUDA_MASK is unset ("warp": yes, "block": no).
 constexpr bool kWarpByDefault = true;
 
@@ -105,7 +108,63 @@ __global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_
   }
 }
 
+// Batched launches with the norms' pair maxima: the bound path (mask_warp.cuh, solve_problem_bounds).
+// Each warp stages its row's pair maxima of |W| (16 bytes per 8 columns, as much as an f16 row)
+// and reads W itself from global memory (L1/L2) for the listed blocks.
+template <typename T, int NC>
+__global__ void __launch_bounds__(kWarps * 32, 2) mask_bound_kernel(const __grid_constant__ WLaunch launch) {
+  extern __shared__ float4 s_pairs[];  // each warp's pair maxima of |W|, one float4 per block
+  __shared__ int s_list[kWarps][kCap];
+  __shared__ int s_scores[kWarps][kCap];
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  const int item_id = static_cast<int>(blockIdx.x);
+  int li = 0;
+  while (li + 1 < launch.n_layers && item_id >= launch.layers[li + 1].item_begin) ++li;
+  const VecLayer& ly = launch.layers[li];
+  const int item = item_id - ly.item_begin;
+  const int row = (item / ly.n_spans) * launch.warps + warp;
+  if (row >= ly.d_out) return;  // no block-wide barrier below: each warp works alone
+  const int d_in = ly.d_in;
+  const int k = ly.k;
+  const int n_blocks = d_in >> 3;
+  const int n_words = (d_in + 31) >> 5;
+  const int v_begin = (item % ly.n_spans) * ly.span;
+  const int v_end = min(v_begin + ly.span, ly.n_vec);
+  int guess = -1;   // the block-maxima path's warm start (as in mask_warp_kernel)
+  int wguess = -1;  // the bound path's: the previous vector's lo
+
+  RowSource<T, false> src;
+  src.global = reinterpret_cast<const uint4*>(static_cast<const T*>(ly.weight) + static_cast<std::size_t>(row) * d_in);
+  src.shared = nullptr;
+  float4* wpair = s_pairs + static_cast<std::size_t>(warp) * NC * 32;
+  for (int b = lane; b < n_blocks; b += 32) wpair[b] = weight_pair_maxima<T>(src.load(b));
+  __syncwarp();
+  for (int v = v_begin; v < v_end; ++v) {
+    const float* nrow = ly.norms + static_cast<std::size_t>(v) * d_in;
+    const float* zrow = ly.null_norms + static_cast<std::size_t>(v) * d_in;
+    const float4* npair = ly.pair_norms + static_cast<std::size_t>(v) * n_blocks;
+    std::uint32_t* out_row = ly.out + (static_cast<std::size_t>(v / ly.T) * ly.d_out + row) * n_words;
+    solve_problem_bounds<T, NC>(launch.warm != 0, launch.stats, src, wpair, npair, nrow, zrow, out_row, n_blocks, k,
+                                s_list[warp], s_scores[warp], lane, guess, wguess);
+  }
+}
+
 using KernelFn = void (*)(WLaunch);
+
+// How a launch reads W: from global memory, staged in shared memory, or the bound path.
+enum Mode : int { kGlobal = 0, kStaged = 1, kBounds = 2 };
+
+template <typename T>
+KernelFn bound_kernel_for_nc(int nc) {
+  switch (nc) {
+    case 5: return mask_bound_kernel<T, 5>;
+    case 10: return mask_bound_kernel<T, 10>;
+    case 20: return mask_bound_kernel<T, 20>;
+    case 32: return mask_bound_kernel<T, 32>;
+    default: throw std::logic_error("memorized_mask (warp): no kernel for " + std::to_string(nc) + " chunks");
+  }
+}
 
 template <typename T, bool kStage>
 KernelFn kernel_for_nc(int nc) {
@@ -119,15 +178,16 @@ KernelFn kernel_for_nc(int nc) {
 }
 
 template <typename T>
-KernelFn kernel_for_stage(int nc, bool stage) {
-  return stage ? kernel_for_nc<T, true>(nc) : kernel_for_nc<T, false>(nc);
+KernelFn kernel_for_mode(int nc, int mode) {
+  if (mode == kBounds) return bound_kernel_for_nc<T>(nc);
+  return mode == kStaged ? kernel_for_nc<T, true>(nc) : kernel_for_nc<T, false>(nc);
 }
 
-KernelFn kernel_for(DType dtype, int nc, bool stage) {
+KernelFn kernel_for(DType dtype, int nc, int mode) {
   switch (dtype) {
-    case DType::kFloat16: return kernel_for_stage<__half>(nc, stage);
-    case DType::kBFloat16: return kernel_for_stage<__nv_bfloat16>(nc, stage);
-    case DType::kFloat32: return kernel_for_stage<float>(nc, stage);
+    case DType::kFloat16: return kernel_for_mode<__half>(nc, mode);
+    case DType::kBFloat16: return kernel_for_mode<__nv_bfloat16>(nc, mode);
+    case DType::kFloat32: return kernel_for_mode<float>(nc, mode);
     default: throw std::invalid_argument("memorized_mask: weight must be float16, bfloat16 or float32");
   }
 }
@@ -142,6 +202,7 @@ bool warm_start() { return !env_is("MEMLOC_CUDA_MASK_WARM", "0"); }
 bool side_streams_on() { return !env_is("MEMLOC_CUDA_MASK_STREAMS", "0"); }
 
 int stage_bytes(DType dtype, int nc, int warps) { return warps * nc * 256 * element_size(dtype); }
+int bound_bytes(int nc, int warps) { return warps * nc * 32 * static_cast<int>(sizeof(float4)); }
 
 // Rows per block: kDefaultWarps, or MEMLOC_CUDA_MASK_WARPS (1..8, a tuning knob read per call).
 int block_warps() {
@@ -188,12 +249,18 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
   DeviceGuard guard(device);
   const int sms = sm_count(device);
   const int warps = block_warps();
-  // One launch per (chunks, dtype, staging); the widest rows first.
+  // One launch per (chunks, dtype, mode); the widest rows first. Batched layers take the bound
+  // path when given the norms' pair maxima, else stage W when it fits.
   std::map<std::tuple<int, int, int>, std::vector<const MaskLayerArgs*>, std::greater<>> groups;
   for (const MaskLayerArgs* a : layers) {
     const int nc = chunks_for(a->d_in);
-    const bool stage = a->S * a->T > 1 && stage_bytes(static_cast<DType>(a->dtype), nc, warps) <= kMaxStageBytes;
-    groups[{nc, a->dtype, stage ? 1 : 0}].push_back(a);
+    int mode = kGlobal;
+    if (a->S * a->T > 1 && a->pair_norms != 0 && a->pair_norms % 16 == 0 && a->k <= kBoundMaxK &&
+        bound_bytes(nc, warps) <= kMaxStageBytes)
+      mode = kBounds;
+    else if (a->S * a->T > 1 && stage_bytes(static_cast<DType>(a->dtype), nc, warps) <= kMaxStageBytes)
+      mode = kStaged;
+    groups[{nc, a->dtype, mode}].push_back(a);
   }
   const bool fork = groups.size() > 1 && side_streams_on();
   std::unique_lock<std::mutex> side_lock(side_mutex, std::defer_lock);
@@ -210,9 +277,9 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
     ++group;
     const int nc = std::get<0>(key);
     const DType dtype = static_cast<DType>(std::get<1>(key));
-    const bool stage = std::get<2>(key) != 0;
-    const int smem = stage ? stage_bytes(dtype, nc, warps) : 0;
-    const KernelFn kernel = kernel_for(dtype, nc, stage);
+    const int mode = std::get<2>(key);
+    const int smem = mode == kStaged ? stage_bytes(dtype, nc, warps) : mode == kBounds ? bound_bytes(nc, warps) : 0;
+    const KernelFn kernel = kernel_for(dtype, nc, mode);
     const std::int64_t resident = static_cast<std::int64_t>(blocks_per_sm(reinterpret_cast<const void*>(kernel), warps, smem, device)) * sms;
     for (std::size_t first = 0; first < members.size(); first += kMaxLayers) {
       const std::size_t last = std::min(members.size(), first + kMaxLayers);
@@ -237,6 +304,7 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
         l.span = static_cast<int>(ceil_div(l.n_vec, std::min<std::int64_t>(pieces, l.n_vec)));
         l.n_spans = static_cast<int>(ceil_div(l.n_vec, l.span));
         l.item_begin = static_cast<int>(items);
+        l.pair_norms = mode == kBounds ? reinterpret_cast<const float4*>(a.pair_norms) : nullptr;
         items += ceil_div(a.d_out, warps) * l.n_spans;
       }
       MEMLOC_REQUIRE(items < (1LL << 31), "memorized_mask: too many work items in one launch");

@@ -32,6 +32,7 @@ struct VecLayer {
   int span;        // vectors per work item
   int n_spans;     // work items per group of rows
   int item_begin;  // first work item (block) of this layer in the launch
+  const float4* pair_norms;  // the warp kernel's bound path: [n_vec][d_in / 8] (else null)
 };
 
 // 8 consecutive weights as raw 16-byte words: one for f16/bf16, two for f32.
@@ -285,6 +286,168 @@ __device__ __forceinline__ bool compact_finish(const RowSource<T, kStage>& src, 
   return true;
 }
 
+enum : int { kSolved = 0, kExact = 1, kLoose = 2 };
+
+// Steps 3-5 for the blocks whose key reaches lo (n_listed of them, k <= n_listed <= kCap; hi:
+// count(key >= hi) < k). Keys are the block maxima (every listed block holds a score >= lo), or,
+// with kBounds, upper bounds of them: then the gathered maxima must show k blocks >= lo, else
+// kLoose (nothing written). kExact: the caller runs the exact path (nothing written).
+template <typename T, int NC, bool kStage, bool kBounds>
+__device__ __forceinline__ int select_listed(const RowSource<T, kStage>& src, const int (&key)[NC], const float* nrow,
+                                             const float* zrow, std::uint32_t* out_row, int k, int lo, long long hi,
+                                             int n_listed, int* list, int* scores, int lane, bool warm, int& guess) {
+  int c_lo = n_listed;
+  // 3. list the blocks reaching lo (lane-major), gather their scores
+  unsigned hits = 0u;
+#pragma unroll
+  for (int i = 0; i < NC; ++i) hits |= (key[i] >= lo ? 1u : 0u) << i;
+  const int mine = __popc(hits);
+  const int incl = warp_inclusive_sum(mine, lane);
+  int pos = incl - mine;
+  while (hits) {
+    const int i = __ffs(hits) - 1;
+    hits &= hits - 1u;
+    list[pos++] = i * 32 + lane;
+  }
+  __syncwarp();
+  int blk[kSlots];
+  int sc[kSlots][8];
+  int bmx[kSlots];
+#pragma unroll
+  for (int q = 0; q < kSlots; ++q) {
+    const int slot = q * 32 + lane;
+    blk[q] = -1;
+    bmx[q] = -1;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) sc[q][j] = -1;
+    // warp-uniform: skip slot groups nobody holds (the bound path lists 3 k or more blocks and
+    // reads W from L2: loading all groups at once hides the latency better than skipping)
+    if (kBounds || q * 32 < n_listed) {
+      blk[q] = slot < n_listed ? list[slot] : -1;
+      const int bc = max(blk[q], 0);
+      int s[8];
+      block_scores<T>(src.load(bc), load_norm8(nrow, bc), s);
+      int m = -1;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        sc[q][j] = blk[q] >= 0 ? s[j] : -1;
+        m = max(m, sc[q][j]);
+      }
+      bmx[q] = m;
+    }
+  }
+  __syncwarp();  // the list is read before the next vector rewrites it
+
+  // 4a. lo = the k-th largest listed block maximum
+  auto count_bmx = [&](int t) { return warp_count(kSlots - count_below(bmx, t)); };  // bmx >= -1
+  if (kBounds) {  // keys were bounds: the listed blocks hold every score >= lo; are k of them >= lo?
+    c_lo = count_bmx(lo);
+    if (c_lo < k) return kLoose;
+    int m = -1;
+#pragma unroll
+    for (int q = 0; q < kSlots; ++q) m = max(m, bmx[q]);
+    hi = static_cast<long long>(__reduce_max_sync(kFullMask, m)) + 1;
+  }
+  bisect(count_bmx, lo, hi, c_lo, k, k);
+  if (c_lo == k) {  // exactly k blocks reach lo: raise it to the least of their maxima
+    int m = kIntMax;
+#pragma unroll
+    for (int q = 0; q < kSlots; ++q) m = min(m, bmx[q] >= lo ? bmx[q] : kIntMax);
+    lo = __reduce_min_sync(kFullMask, m);
+  }
+  if (warm) guess = lo;
+
+  // 4b-5. the scores >= lo (k and typically a few more) are listed in shared memory with their
+  // columns, at most kSlots per lane; then compact_finish. More than kCap such scores: the
+  // register drop loop below.
+  unsigned sel[kSlots];
+  int n_sel = 0;
+#pragma unroll
+  for (int q = 0; q < kSlots; ++q) {
+    sel[q] = 0u;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) sel[q] |= (sc[q][j] >= lo ? 1u : 0u) << j;
+    n_sel += __popc(sel[q]);
+  }
+  const int upto = warp_inclusive_sum(n_sel, lane);
+  const int c_sel = __shfl_sync(kFullMask, upto, 31);
+  if (c_sel <= kCap) {
+    int at = upto - n_sel;
+#pragma unroll
+    for (int q = 0; q < kSlots; ++q) {
+      unsigned m = sel[q];
+      while (m) {
+        const int j = __ffs(m) - 1;
+        m &= m - 1u;
+        list[at] = blk[q] * 8 + j;
+        scores[at] = pick8(sc[q], j);
+        ++at;
+      }
+    }
+    __syncwarp();
+    return compact_finish<T, kStage>(src, zrow, out_row, list, scores, c_sel, k, lo, lane) ? kSolved : kExact;
+  } else {
+    // 4b, fallback: drop the smallest gathered scores >= lo while more than k remain. (c_s is
+    // recounted although it equals c_sel, and the exact path above is a copy of the one at the
+    // end: in this form ptxas (nvcc 13.0) spills least, e.g. 36 / 40 bytes instead of 52 / 64
+    // for f16 at NC = 20 staged.)
+    auto count_sc = [&](int t) {
+      int c = 0;
+#pragma unroll
+      for (int q = 0; q < kSlots; ++q)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) c += sc[q][j] >= t ? 1 : 0;
+      return warp_count(c);
+    };
+    int c_s = count_sc(lo);
+    bool tie = false;
+    while (c_s > k) {
+      int m = kIntMax;
+#pragma unroll
+      for (int q = 0; q < kSlots; ++q)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) m = min(m, sc[q][j] >= lo ? sc[q][j] : kIntMax);
+      const int low = __reduce_min_sync(kFullMask, m);
+      int n_low = 0;
+#pragma unroll
+      for (int q = 0; q < kSlots; ++q)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) n_low += sc[q][j] == low ? 1 : 0;
+      n_low = warp_count(n_low);
+      if (c_s - n_low >= k) {
+        lo = low + 1;
+        c_s -= n_low;
+      } else {
+        tie = true;  // equal scores straddle the k-th place: the exact path orders them by column
+        break;
+      }
+    }
+    if (!tie) {
+      // 5. the k scores >= lo: null comparison, then one OR per block
+#pragma unroll
+      for (int q = 0; q < kSlots; ++q) {
+        if (q * 32 < n_listed && blk[q] >= 0) {
+          const int b = blk[q];
+          std::uint32_t bits = 0u;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) bits |= sc[q][j] >= lo ? (1u << j) : 0u;
+          if (bits) {
+            const Raw8<T> w = src.load(b);
+            const Norm8 z = load_norm8(zrow, b);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+              if (!(__int_as_float(sc[q][j]) > __fmul_rn(abs_elem<T>(w, j), z[j]))) bits &= ~(1u << j);
+            }
+            if (bits) atomicOr(out_row + (b >> 2), bits << ((b & 3) * 8));
+          }
+        }
+      }
+      return kSolved;
+    }
+    return kExact;
+  }
+}
+
 // One (row, vector) problem, steps 1-5 of the header. `guess`: the warm start, read and (when
 // `warm`) updated (-1: none). `stats`: the exact-path counter (may be null).
 template <typename T, int NC, bool kStage>
@@ -329,152 +492,126 @@ __device__ __forceinline__ void solve_problem(bool warm, int* stats, const RowSo
   if (fast) bisect(count_bm, lo, hi, c_lo, k, kCap);
   fast = fast && c_lo <= kCap;
 
-  if (fast) {
-    // 3. list the blocks reaching lo (lane-major), gather their scores
-    unsigned hits = 0u;
-#pragma unroll
-    for (int i = 0; i < NC; ++i) hits |= (bm[i] >= lo ? 1u : 0u) << i;
-    const int mine = __popc(hits);
-    const int incl = warp_inclusive_sum(mine, lane);
-    int pos = incl - mine;
-    while (hits) {
-      const int i = __ffs(hits) - 1;
-      hits &= hits - 1u;
-      list[pos++] = i * 32 + lane;
-    }
-    __syncwarp();
-    const int n_listed = c_lo;
-    int blk[kSlots];
-    int sc[kSlots][8];
-    int bmx[kSlots];
-#pragma unroll
-    for (int q = 0; q < kSlots; ++q) {
-      const int slot = q * 32 + lane;
-      blk[q] = -1;
-      bmx[q] = -1;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) sc[q][j] = -1;
-      if (q * 32 < n_listed) {  // warp-uniform: skip slot groups nobody holds
-        blk[q] = slot < n_listed ? list[slot] : -1;
-        const int bc = max(blk[q], 0);
-        int s[8];
-        block_scores<T>(src.load(bc), load_norm8(nrow, bc), s);
-        int m = -1;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          sc[q][j] = blk[q] >= 0 ? s[j] : -1;
-          m = max(m, sc[q][j]);
-        }
-        bmx[q] = m;
-      }
-    }
-    __syncwarp();  // the list is read before the next vector rewrites it
-
-    // 4a. lo = the k-th largest listed block maximum
-    auto count_bmx = [&](int t) { return warp_count(kSlots - count_below(bmx, t)); };  // bmx >= -1
-    bisect(count_bmx, lo, hi, c_lo, k, k);
-    if (c_lo == k) {  // exactly k blocks reach lo: raise it to the least of their maxima
-      int m = kIntMax;
-#pragma unroll
-      for (int q = 0; q < kSlots; ++q) m = min(m, bmx[q] >= lo ? bmx[q] : kIntMax);
-      lo = __reduce_min_sync(kFullMask, m);
-    }
-    if (warm) guess = lo;
-
-    // 4b-5. the scores >= lo (k and typically a few more) are listed in shared memory with their
-    // columns, at most kSlots per lane; then compact_finish. More than kCap such scores: the
-    // register drop loop below.
-    unsigned sel[kSlots];
-    int n_sel = 0;
-#pragma unroll
-    for (int q = 0; q < kSlots; ++q) {
-      sel[q] = 0u;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) sel[q] |= (sc[q][j] >= lo ? 1u : 0u) << j;
-      n_sel += __popc(sel[q]);
-    }
-    const int upto = warp_inclusive_sum(n_sel, lane);
-    const int c_sel = __shfl_sync(kFullMask, upto, 31);
-    if (c_sel <= kCap) {
-      int at = upto - n_sel;
-#pragma unroll
-      for (int q = 0; q < kSlots; ++q) {
-        unsigned m = sel[q];
-        while (m) {
-          const int j = __ffs(m) - 1;
-          m &= m - 1u;
-          list[at] = blk[q] * 8 + j;
-          scores[at] = pick8(sc[q], j);
-          ++at;
-        }
-      }
-      __syncwarp();
-      if (compact_finish<T, kStage>(src, zrow, out_row, list, scores, c_sel, k, lo, lane)) return;
-      if (lane == 0 && stats) atomicAdd(stats, 1);
-      exact_row<T, kStage>(src, nrow, zrow, out_row, n_blocks, k, lane);
-      return;
-    } else {
-      // 4b, fallback: drop the smallest gathered scores >= lo while more than k remain. (c_s is
-      // recounted although it equals c_sel, and the exact path above is a copy of the one at the
-      // end: in this form ptxas (nvcc 13.0) spills least, e.g. 36 / 40 bytes instead of 52 / 64
-      // for f16 at NC = 20 staged.)
-      auto count_sc = [&](int t) {
-        int c = 0;
-#pragma unroll
-        for (int q = 0; q < kSlots; ++q)
-#pragma unroll
-          for (int j = 0; j < 8; ++j) c += sc[q][j] >= t ? 1 : 0;
-        return warp_count(c);
-      };
-      int c_s = count_sc(lo);
-      bool tie = false;
-      while (c_s > k) {
-        int m = kIntMax;
-#pragma unroll
-        for (int q = 0; q < kSlots; ++q)
-#pragma unroll
-          for (int j = 0; j < 8; ++j) m = min(m, sc[q][j] >= lo ? sc[q][j] : kIntMax);
-        const int low = __reduce_min_sync(kFullMask, m);
-        int n_low = 0;
-#pragma unroll
-        for (int q = 0; q < kSlots; ++q)
-#pragma unroll
-          for (int j = 0; j < 8; ++j) n_low += sc[q][j] == low ? 1 : 0;
-        n_low = warp_count(n_low);
-        if (c_s - n_low >= k) {
-          lo = low + 1;
-          c_s -= n_low;
-        } else {
-          tie = true;  // equal scores straddle the k-th place: the exact path orders them by column
-          break;
-        }
-      }
-      if (!tie) {
-        // 5. the k scores >= lo: null comparison, then one OR per block
-#pragma unroll
-        for (int q = 0; q < kSlots; ++q) {
-          if (q * 32 < n_listed && blk[q] >= 0) {
-            const int b = blk[q];
-            std::uint32_t bits = 0u;
-#pragma unroll
-            for (int j = 0; j < 8; ++j) bits |= sc[q][j] >= lo ? (1u << j) : 0u;
-            if (bits) {
-              const Raw8<T> w = src.load(b);
-              const Norm8 z = load_norm8(zrow, b);
-#pragma unroll
-              for (int j = 0; j < 8; ++j) {
-                if (!(__int_as_float(sc[q][j]) > __fmul_rn(abs_elem<T>(w, j), z[j]))) bits &= ~(1u << j);
-              }
-              if (bits) atomicOr(out_row + (b >> 2), bits << ((b & 3) * 8));
-            }
-          }
-        }
-        return;
-      }
-    }
-  }
+  if (fast && select_listed<T, NC, kStage, false>(src, bm, nrow, zrow, out_row, k, lo, hi, c_lo, list, scores, lane,
+                                                 warm, guess) == kSolved)
+    return;
   if (lane == 0 && stats) atomicAdd(stats, 1);
   exact_row<T, kStage>(src, nrow, zrow, out_row, n_blocks, k, lane);
+}
+
+// --- the bound path (batched launches): block bounds from pair maxima -------------------------
+// A score |w_j| * n_j (float32, rounded) is at most fl(max(|w_j|, |w_j'|) * max(n_j, n_j')) for the
+// column pair (j, j'), since rounding is monotone; a non-finite |w| or n in the pair is taken as
+// NaN, so that the bound is NaN (INT_MAX bits, above every score) wherever 0 * inf could make a NaN
+// score. The row's pair maxima of |W| are staged once per work item; the vector's pair maxima of the
+// norms are an input (computed once per vector for all rows of the layer). A block's bound is the
+// largest of its 4 pair bounds: 4 products and 2 three-way maxima per 8 columns, where pass 1 of
+// solve_problem takes 8 conversions, 8 products and 8 maxima (and 3 loads instead of 2).
+
+// The 4 pair maxima of |w| of a block, a non-finite one as NaN.
+template <typename T>
+__device__ __forceinline__ float4 weight_pair_maxima(const Raw8<T>& w) {
+  float m[4];
+#pragma unroll
+  for (int p = 0; p < 4; ++p) {
+    const int a = max(__float_as_int(abs_elem<T>(w, 2 * p)), __float_as_int(abs_elem<T>(w, 2 * p + 1)));
+    m[p] = __int_as_float(a >= 0x7f800000 ? kIntMax : a);
+  }
+  return make_float4(m[0], m[1], m[2], m[3]);
+}
+
+// The bound of each of the lane's blocks, at least -1 (-1 past the row).
+template <int NC>
+__device__ __forceinline__ void block_bounds(const float4* wpair, const float4* npair, int n_blocks, int lane,
+                                             int (&ub)[NC]) {
+#pragma unroll
+  for (int i = 0; i < NC; ++i) {
+    const int b = i * 32 + lane;
+    const int bc = min(b, n_blocks - 1);
+    const float4 w = wpair[bc];
+    const float4 n = __ldg(npair + bc);
+    const int u = __vimax3_s32(__float_as_int(__fmul_rn(w.x, n.x)), __float_as_int(__fmul_rn(w.y, n.y)),
+                               __float_as_int(__fmul_rn(w.z, n.z)));
+    ub[i] = b < n_blocks ? __vimax3_s32(u, __float_as_int(__fmul_rn(w.w, n.w)), -1) : -1;
+  }
+}
+
+// Gallop step of the bound window search (float32 bits: 1/16 octave, a factor 0.96).
+constexpr int kWindowStep = 1 << 19;
+
+// One (row, vector) problem on the bound path: a bound lo reached by n_low to kCap block bounds
+// (n_low = min(3 k, kCap - 24): the listed blocks then usually hold k scores >= lo; searched from
+// `wguess`, the previous vector's lo, galloping by kWindowStep, then bisecting), steps 3-5 on the
+// listed blocks. When the listed blocks show fewer than k scores >= lo, or no window is found,
+// the problem runs solve_problem (the block maxima path) instead; `stats[1]` counts those.
+template <typename T, int NC>
+__device__ __forceinline__ void solve_problem_bounds(bool warm, int* stats, const RowSource<T, false>& src,
+                                                     const float4* wpair, const float4* npair, const float* nrow,
+                                                     const float* zrow, std::uint32_t* out_row, int n_blocks, int k,
+                                                     int* list, int* scores, int lane, int& guess, int& wguess) {
+  int ub[NC];
+  block_bounds<NC>(wpair, npair, n_blocks, lane, ub);
+  auto count_ub = [&](int t) { return warp_count(NC - count_below(ub, t)); };  // t >= 0 at every call
+  int lmax = ub[0];
+#pragma unroll
+  for (int i = 1; i < NC; ++i) lmax = max(lmax, ub[i]);
+  const int top = __reduce_max_sync(kFullMask, lmax);
+  const int n_low = min(3 * k, kCap - 24);
+  bool found = false;
+  int lo = 0, n_listed = 0;
+  if (top >= 0) {
+    unsigned a = 0u, b = static_cast<unsigned>(top) + 1u;  // count(b) == 0; count(a) > kCap once a_high
+    bool a_high = false;
+    int t = wguess >= 0 ? min(wguess, top) : max(top - (8 << 23), 0);
+    int step = wguess >= 0 ? kWindowStep : 0;  // gallop from the guess while the counts stay on one side
+    int side = 0;
+    for (;;) {
+      const int c = count_ub(t);
+      int dir;
+      if (c > kCap) {
+        a = static_cast<unsigned>(t);
+        a_high = true;
+        dir = 1;
+      } else if (c >= n_low || t == 0) {
+        found = true;
+        lo = t;
+        n_listed = c;
+        break;
+      } else {
+        b = static_cast<unsigned>(t);
+        dir = -1;
+      }
+      if (b - a <= 1u) {
+        if (a_high) break;  // no window: many equal bounds
+        t = 0;
+        continue;
+      }
+      if (step != 0 && (side == 0 || side == dir)) {
+        side = dir;
+        const long long next = static_cast<long long>(t) + dir * static_cast<long long>(step);
+        step = step < (1 << 29) ? step * 2 : step;
+        if (next > static_cast<long long>(a) && next < static_cast<long long>(b)) {
+          t = static_cast<int>(next);
+          continue;
+        }
+      }
+      step = 0;
+      t = static_cast<int>(a + ((b - a) >> 1));
+    }
+  }
+  if (found && n_listed >= k) {
+    if (warm) wguess = lo;
+    const int r = select_listed<T, NC, false, true>(src, ub, nrow, zrow, out_row, k, lo, 0, n_listed, list, scores,
+                                                    lane, warm, guess);
+    if (r == kSolved) return;
+    if (r == kExact) {
+      if (lane == 0 && stats) atomicAdd(stats, 1);
+      exact_row<T, false>(src, nrow, zrow, out_row, n_blocks, k, lane);
+      return;
+    }
+  }
+  if (lane == 0 && stats) atomicAdd(stats + 1, 1);
+  solve_problem<T, NC, false>(warm, stats, src, nrow, zrow, out_row, n_blocks, k, list, scores, lane, guess);
 }
 
 inline int element_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }

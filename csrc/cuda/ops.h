@@ -21,6 +21,9 @@ enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3
 // OR-ed into; k selected columns per row, 1 <= k <= d_in.
 struct MaskLayerArgs {
   std::uintptr_t weight = 0, norms = 0, null_norms = 0, out = 0;
+  // 0, or float32 [S, T, d_in / 2]: the larger of each column pair of norms, NaN where either is
+  // not finite (the warp kernel's bound path for batched calls; Python's _pair_maxima).
+  std::uintptr_t pair_norms = 0;
   int dtype = 0;
   std::int64_t d_out = 0, d_in = 0, k = 0, S = 0, T = 0;
 };
@@ -37,9 +40,15 @@ std::int64_t memorized_mask_max_d_in();
 // ties to the lower column) AND (score > |W| * null_norms[s, t]). Layers of one shape class share
 // a launch (a pointer table passed as a kernel parameter). Layers that suit it run the warp kernel
 // (mask_warp.cu), the others the block kernel (memorized_mask.cu). `stats`: 0, or the address of
-// a device int32 that counts the (row, vector) problems the warp kernel decided by its exact path.
+// a device int32 [2]: [0] counts the (row, vector) problems decided by an exact path, [1] those
+// the warp kernel's bound path handed to its block-maxima path.
 void memorized_mask(const std::vector<MaskLayerArgs>& layers, std::uintptr_t stream, int device,
                     std::uintptr_t stats = 0);
+
+// out float32 [n_pairs]: max(|norms[2i]|, |norms[2i + 1]|), NaN where either is not finite (the
+// warp kernel's pair bounds, MaskLayerArgs::pair_norms). n_pairs even; norms 16-byte aligned.
+void pair_norm_maxima(std::uintptr_t norms, std::int64_t n_pairs, std::uintptr_t out, std::uintptr_t stream,
+                      int device);
 
 // Per-row popcounts of words [rows, n_words] into out int64 [rows]. With d_in >= 0 the bits of the
 // last word past d_in are ignored (a row of a [rows, d_in] mask); with d_in < 0 every bit counts.

@@ -8,6 +8,8 @@ kernels. ``memloc_kernels.ops`` has validated and canonicalized every input befo
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .. import reference as ref
@@ -53,11 +55,36 @@ def warp_kernel_takes(d_in: int, k: int) -> bool:
     return d_in % 8 == 0 and d_in <= 8192 and k <= 96 and k <= d_in // 8
 
 
+def _mask_counters(device: torch.device) -> torch.Tensor:
+    return device_counters("cuda.mask_warp", 2, device)
+
+
 def exact_path_counter(device: torch.device) -> torch.Tensor:
-    """int32 ``[1]`` on ``device``: how many (row, vector) problems the warp kernel of
+    """int32 ``[1]`` on ``device`` (a view): how many (row, vector) problems the warp kernel of
     ``memorized_mask`` decided by its exact path (ties at the k-th place, or a bound it could not
     tighten); every call adds to it, benchmarks and tests read and reset it."""
-    return device_counters("cuda.mask_warp", 1, device)
+    return _mask_counters(device)[:1]
+
+
+def loose_bound_counter(device: torch.device) -> torch.Tensor:
+    """int32 ``[1]`` on ``device`` (a view): how many (row, vector) problems of batched calls left the
+    warp kernel's bound path (pair-maxima bounds too loose to show k scores, or no bound window)
+    for its block-maxima path."""
+    return _mask_counters(device)[1:]
+
+
+def _pair_maxima(norms: torch.Tensor) -> torch.Tensor:
+    """``[..., d_in // 2]``: the larger of each column pair of ``|norms|``, NaN where either is not
+    finite (``csrc/cuda/pair_norms.cu``, one launch). The warp kernel's bound path multiplies these
+    by the pair maxima of ``|W|`` (``mask_warp.cuh``)."""
+    out = torch.empty(*norms.shape[:-1], norms.shape[-1] // 2, dtype=torch.float32, device=norms.device)
+    stream, device = _launch_args(norms)
+    _C.cuda_pair_norm_maxima(_ptr("norms", norms, torch.float32), out.numel(), out.data_ptr(), stream, device)
+    return out
+
+
+def _bound_path_on() -> bool:
+    return os.environ.get("MEMLOC_CUDA_MASK_BOUNDS", "1") != "0"
 
 
 class CudaBackend:
@@ -146,6 +173,10 @@ class CudaBackend:
         # stream order.
         norms = _norms([layer[1] for layer in layers] + [layer[2] for layer in layers])
         n = len(layers)
+        # The warp kernel's bound path (batched calls) reads the pair maxima of the norms.
+        bounds = _bound_path_on()
+        pairs = [_pair_maxima(t) if bounds and t.shape[0] * t.shape[1] > 1 and warp_kernel_takes(t.shape[-1], k)
+                 else None for t, (*_, k, _) in zip(norms[:n], layers)]
         stream, device = _launch_args(weights[0])
         _C.cuda_memorized_mask_multi(
             [_ptr("weight", w) for w, *_ in layers],
@@ -160,7 +191,8 @@ class CudaBackend:
             [_ptr("out", out, torch.int32) for *_, out in layers],
             stream,
             device,
-            exact_path_counter(weights[0].device).data_ptr(),
+            _mask_counters(weights[0].device).data_ptr(),
+            [0 if p is None else p.data_ptr() for p in pairs],
         )
 
     def pack_mask(self, mask):
