@@ -24,7 +24,8 @@ BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
 
 # Per op and device type, the order in which "auto" tries backends. For CUDA tensors this is the
 # ranking measured on an H200 (BENCHMARKS.md, "GPU backends side by side"), and for memorized_mask
-# on an H100 (twelfth session, commit 4b3c392; cuda = its warp kernel, mask_warp.cu):
+# on an H100 (twelfth session, commit 4b3c392; cuda = its warp kernel, mask_warp.cu; thirteenth
+# session, 8bfbecd, bound path: 61.1 us / 30.1 us per vector on an H100, 54.0 / 29.4-29.9 on an H200):
 #   memorized_mask  SD1.5 x1: cuda 61.5 us, triton 123.7 us; batched: cuda 30.5, triton 96.5 us/vector
 #                   (the block kernel it replaced for these layers: 187.1 / 149.9 us); layers the
 #                   warp kernel does not take go to Triton under "auto" (select_memorized_mask)

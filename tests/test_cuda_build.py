@@ -31,10 +31,14 @@ pytestmark = [
 # before, and the spill-free kernels measured 7 % faster batched: keep it so). The thread kernel
 # (mask_thread.cu) may use 255 registers (shared memory limits it to two 128-thread blocks per SM);
 # what it spills (at most 16 bytes now, 92 before) lies outside its scoring loop: launch setup and
-# the inlined warp fallback (solve_problem). First matching pattern wins.
+# the inlined warp fallback (solve_problem). The warp kernel's bound path (mask_bound_kernel,
+# thirteenth session) inlines that path as its fallback: nothing spilled for f16/bf16 up to 20
+# chunks (SD's widths), 8 bytes at 32 chunks, up to 24 / 28 bytes for f32. First matching pattern
+# wins.
 SPILL_ALLOWANCE = {
     "memorized_mask_kernel": (128, 384),
     "mask_warp_kernel": (24, 24),
+    "mask_bound_kernel": (24, 28),
     "mask_thread_kernel": (24, 24),
 }
 
