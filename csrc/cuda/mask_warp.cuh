@@ -388,9 +388,8 @@ __device__ __forceinline__ int select_listed(const RowSource<T, kStage>& src, co
     return compact_finish<T, kStage>(src, zrow, out_row, list, scores, c_sel, k, lo, lane) ? kSolved : kExact;
   } else {
     // 4b, fallback: drop the smallest gathered scores >= lo while more than k remain. (c_s is
-    // recounted although it equals c_sel, and the exact path above is a copy of the one at the
-    // end: in this form ptxas (nvcc 13.0) spills least, e.g. 36 / 40 bytes instead of 52 / 64
-    // for f16 at NC = 20 staged.)
+    // recounted although it equals c_sel: in this form ptxas (nvcc 13.0) spilled least when it
+    // was written.)
     auto count_sc = [&](int t) {
       int c = 0;
 #pragma unroll
