@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from model_mask_warp import instructions, select_row  # noqa: E402
+from model_mask_warp import instructions, pair_bounds, select_row, select_row_bounds  # noqa: E402
 
 from memloc_kernels import reference as ref  # noqa: E402
 
@@ -68,3 +68,60 @@ def test_model_warm_start_selects_the_reference_top_k(d_in):
             reg_steps.append(trips.reg_steps)
         assert reg_steps[1] == 0, "the same vector again: the warm start lands in the window at once"
 
+
+
+@pytest.mark.parametrize("d_in, sparsity", [c for c in CASES if ref.topk_count(c[1], c[0]) <= 64])
+def test_model_bound_path_selects_the_reference_top_k(d_in, sparsity):
+    # The bound path of batched calls: a row's vectors in order, each window search started from the
+    # previous vector's bound. Where it does not hand the problem on (loose), its top k is the
+    # reference's; on spread statistics it hands on few problems.
+    k = ref.topk_count(sparsity, d_in)
+    weight = (torch.randn(4, d_in) * 0.02).half()
+    loose = total = 0
+    for r in range(4):
+        wguess = -1
+        for _ in range(4):
+            sumsq = torch.exp(torch.randn(d_in) * 1.5) * 1e3
+            want = ref.topk_row_mask(ref.wanda_scores(weight[r : r + 1], sumsq), k)[0]
+            cols, trips = select_row_bounds(weight[r].float().abs().numpy(), torch.sqrt(sumsq).numpy(), k,
+                                            wguess=wguess)
+            total += 1
+            if trips.loose:
+                loose += 1
+                continue
+            assert not trips.exact
+            assert cols.tolist() == torch.nonzero(want).flatten().tolist()
+            wguess = trips.guess
+    assert loose <= total // 4, f"{loose} of {total} problems left the bound path"
+
+
+def test_model_bound_path_hands_crossed_pairs_on():
+    # In every column pair the large |w| meets the small norm: the bounds overshoot every score.
+    d_in = 2560
+    even = np.arange(d_in) % 2 == 0
+    rng = np.random.default_rng(0)
+    abs_w = np.where(even, 1 + rng.random(d_in), 1e-3 * rng.random(d_in)).astype(np.float32)
+    norms = np.where(even, 1e-3 * rng.random(d_in), 1 + rng.random(d_in)).astype(np.float32)
+    cols, trips = select_row_bounds(abs_w, norms, ref.topk_count(0.01, d_in))
+    assert cols is None and trips.loose
+
+
+def test_model_pair_bounds_bound_every_block_maximum():
+    # Non-negative score bits (as the kernel orders them) never exceed their block's bound, with
+    # zeros, infinities and NaN among the weights and norms (a NaN score sits above +inf).
+    rng = np.random.default_rng(1)
+    abs_w = np.abs(rng.standard_normal(4096)).astype(np.float32) * 0.02
+    norms = np.exp(rng.standard_normal(4096) * 3).astype(np.float32)
+    abs_w[rng.choice(4096, 40, replace=False)] = 0
+    abs_w[rng.choice(4096, 20, replace=False)] = np.inf
+    norms[rng.choice(4096, 40, replace=False)] = 0
+    norms[rng.choice(4096, 20, replace=False)] = np.inf
+    norms[rng.choice(4096, 10, replace=False)] = np.nan
+    with np.errstate(invalid="ignore"):
+        scores = (abs_w * norms).astype(np.float32)
+    bits = scores.view(np.int32).copy()
+    bits[np.isnan(scores)] = 0x7FFFFFFF
+    block_max = np.maximum(bits.reshape(-1, 8).max(axis=1), -1)
+    bounds = pair_bounds(abs_w, norms)
+    assert (bounds >= block_max).all()
+    assert (bounds == 0x7FFFFFFF).sum() >= 40, "a non-finite value in a pair makes its block's bound NaN"
