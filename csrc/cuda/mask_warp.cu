@@ -80,6 +80,15 @@ struct WLaunch {
 };
 static_assert(sizeof(WLaunch) <= 4000, "the layer table must fit the kernel parameter space");
 
+// The layer of this block's work item, and the item's index within the layer.
+__device__ __forceinline__ const VecLayer& item_layer(const WLaunch& launch, int& item) {
+  const int item_id = static_cast<int>(blockIdx.x);
+  int li = 0;
+  while (li + 1 < launch.n_layers && item_id >= launch.layers[li + 1].item_begin) ++li;
+  item = item_id - launch.layers[li].item_begin;
+  return launch.layers[li];
+}
+
 template <typename T, int NC, bool kStage>
 __global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_constant__ WLaunch launch) {
   extern __shared__ uint4 s_rows[];  // kStage: each warp's weight row
@@ -88,11 +97,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_
   constexpr int kQ = sizeof(T) / 2;
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int warp = static_cast<int>(threadIdx.x) >> 5;
-  const int item_id = static_cast<int>(blockIdx.x);
-  int li = 0;
-  while (li + 1 < launch.n_layers && item_id >= launch.layers[li + 1].item_begin) ++li;
-  const VecLayer& ly = launch.layers[li];
-  const int item = item_id - ly.item_begin;
+  int item;
+  const VecLayer& ly = item_layer(launch, item);
   const int row = (item / ly.n_spans) * launch.warps + warp;
   if (row >= ly.d_out) return;  // no block-wide barrier below: each warp works alone
   const int d_in = ly.d_in;
@@ -130,11 +136,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2) mask_bound_kernel(const __grid
   __shared__ int s_scores[kWarps][kCap];
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int warp = static_cast<int>(threadIdx.x) >> 5;
-  const int item_id = static_cast<int>(blockIdx.x);
-  int li = 0;
-  while (li + 1 < launch.n_layers && item_id >= launch.layers[li + 1].item_begin) ++li;
-  const VecLayer& ly = launch.layers[li];
-  const int item = item_id - ly.item_begin;
+  int item;
+  const VecLayer& ly = item_layer(launch, item);
   const int row = (item / ly.n_spans) * launch.warps + warp;
   if (row >= ly.d_out) return;  // no block-wide barrier below: each warp works alone
   const int d_in = ly.d_in;
