@@ -67,6 +67,7 @@ constexpr int kMaxLayers = 48;
 constexpr int kMaxStageBytes = 96 * 1024;
 // The bound path lists at most kCap blocks, and pair bounds need about 1.7 k of them to show k
 // scores: with k above this, nearly every problem would leave it (measured: k = 81 at d_in 8192).
+// memloc_kernels/backends/cuda.py (_bound_path_takes) computes pair maxima only up to this k.
 constexpr int kBoundMaxK = 64;
 // Whether eligible layers take this kernel when MEMLOC_CUDA_MASK is unset ("warp": yes, "block": no).
 constexpr bool kWarpByDefault = true;

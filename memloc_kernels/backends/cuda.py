@@ -87,6 +87,12 @@ def _bound_path_on() -> bool:
     return os.environ.get("MEMLOC_CUDA_MASK_BOUNDS", "1") != "0"
 
 
+def _bound_path_takes(d_in: int, k: int) -> bool:
+    """Whether a batched layer of the warp kernel takes its bound path (``kBoundMaxK`` in
+    ``mask_warp.cu``: k at most 64), so that pair maxima are computed only where they are read."""
+    return warp_kernel_takes(d_in, k) and k <= 64
+
+
 class CudaBackend:
     name = "cuda"
     device_note = "runs CUDA tensors only, with memloc_kernels._C built with MEMLOC_CUDA=1"
@@ -175,7 +181,7 @@ class CudaBackend:
         n = len(layers)
         # The warp kernel's bound path (batched calls) reads the pair maxima of the norms.
         bounds = _bound_path_on()
-        pairs = [_pair_maxima(t) if bounds and t.shape[0] * t.shape[1] > 1 and warp_kernel_takes(t.shape[-1], k)
+        pairs = [_pair_maxima(t) if bounds and t.shape[0] * t.shape[1] > 1 and _bound_path_takes(t.shape[-1], k)
                  else None for t, (*_, k, _) in zip(norms[:n], layers)]
         stream, device = _launch_args(weights[0])
         _C.cuda_memorized_mask_multi(
