@@ -16,7 +16,7 @@ of 1280 rows): 49 blocks on average reach s_k by their exact maximum; by the 8-c
 (99th percentile 220; 99.9 % of rows above 128), by a 4-column bound 138 (74 % of rows above 128);
 with heavy columns 167 and 128. Such a prefilter would overflow the 128-block list in most rows.
 The thirteenth session built it with 2-column bounds instead (the kernel's bound path,
-``mask_bound_kernel``; ``model_mask_warp.py --bounds`` models it), which list 84 blocks on average
+``mask_bound_kernel``; ``model_mask_warp.py --bounds`` models it): by them 84 blocks on average reach s_k
 at d_in 5120.
 """
 
