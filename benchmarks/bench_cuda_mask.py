@@ -31,7 +31,8 @@ ROWS: list[dict] = []
 # MEMLOC_CUDA_MASK_WARPS sets the warp kernel's rows per block (default 4);
 # MEMLOC_CUDA_MASK_WARM=0 turns its warm start off;
 # MEMLOC_CUDA_MASK_STREAMS=0 keeps its width groups' launches on the caller's stream;
-# MEMLOC_CUDA_MASK_BOUNDS=0 turns its bound path (batched calls) off.
+# MEMLOC_CUDA_MASK_BOUNDS=0 turns its bound path (batched calls) off;
+# MEMLOC_CUDA_MASK_MINBLOCKS=2 gives its unstaged (single-vector) launches 128 registers (default 80).
 PROVIDERS = [("reference", "reference", {}), ("triton", "triton", {}), ("triton-regs", "triton", {"stream": "regs"}),
              ("triton-regs168", "triton", {"stream": "regs", "maxnreg": 168}),
              ("triton-regs-nocap", "triton", {"stream": "regs", "maxnreg": 0}),
@@ -43,9 +44,10 @@ PROVIDERS = [("reference", "reference", {}), ("triton", "triton", {}), ("triton-
              ("cuda-warp-cold", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_WARM": "0"}),
              ("cuda-warp-serial", "cuda", {"MEMLOC_CUDA_MASK": "warp", "MEMLOC_CUDA_MASK_STREAMS": "0"}),
              ("cuda-nobounds", "cuda", {"MEMLOC_CUDA_MASK_BOUNDS": "0"}),
+             ("cuda-regs128", "cuda", {"MEMLOC_CUDA_MASK_MINBLOCKS": "2"}),
              ("cuda-block", "cuda", {"MEMLOC_CUDA_MASK": "block"})]
 KNOBS = ("MEMLOC_CUDA_MASK", "MEMLOC_CUDA_MASK_WARPS", "MEMLOC_CUDA_MASK_WARM", "MEMLOC_CUDA_MASK_STREAMS",
-         "MEMLOC_CUDA_MASK_BOUNDS")
+         "MEMLOC_CUDA_MASK_BOUNDS", "MEMLOC_CUDA_MASK_MINBLOCKS")
 
 
 def run(label, shapes, lead, heavy=False, rep=100):

@@ -439,6 +439,25 @@ def test_memorized_mask_warp_kernel_warm_start(cuda, monkeypatch, warm):
         assert_words_equal(*got, f"warm={warm} {d_out}x{d_in}")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("min_blocks", ["2", "3"], ids=["regs128", "regs80"])
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
+def test_memorized_mask_warp_kernel_register_budget(cuda, monkeypatch, dtype, min_blocks):
+    # Unstaged (single-vector) launches run kernels compiled for 80 registers per thread (6 blocks
+    # per SM) unless MEMLOC_CUDA_MASK_MINBLOCKS=2 (128 registers): all widths of one call, d_out not a
+    # multiple of the rows per block; masks equal the reference's under both.
+    monkeypatch.setenv("MEMLOC_CUDA_MASK", "warp")
+    monkeypatch.setenv("MEMLOC_CUDA_MASK_MINBLOCKS", min_blocks)
+    shapes = [(1283, 5120), (643, 2560), (321, 1280), (77, 8192)]
+    weights = [(torch.randn(s) * 0.02).to(dtype).to(cuda) for s in shapes]
+    stats = [random_stats(d_in, device="cpu") for _, d_in in shapes]
+    got = mk.memorized_masks(weights, [s.to(cuda) for s, _ in stats], [n.to(cuda) for _, n in stats], 0.01,
+                             backend="cuda")
+    for i, (g, w, (s, n)) in enumerate(zip(got, weights, stats)):
+        expected = mk.memorized_mask(w, s.to(cuda), n.to(cuda), 0.01, packed=True, backend="reference")
+        assert_words_equal(g.words, expected.words, f"min_blocks={min_blocks} layer {i} {tuple(w.shape)}")
+
+
 # The bound path (batched calls): block bounds from the pair maxima of |W| and of the norms, with
 # the block-maxima path as its fallback (mask_warp.cuh, solve_problem_bounds).
 BOUND_SHAPES = [(7, 1280), (5, 2568), (9, 5120), (3, 8192), (4, 1000), (6, 256)]

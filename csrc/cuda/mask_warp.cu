@@ -63,6 +63,10 @@ namespace {
 
 constexpr int kWarps = 8;            // warps (rows) per block at most: they share each norm row in L1
 constexpr int kDefaultWarps = 4;     // H100, SD1.5: 63.5 us with 4, 64.8 with 8 (BENCHMARKS.md)
+// Unstaged launches at 80 registers: 6 blocks (24 warps) per SM instead of 4 (16); ptxas spills
+// nothing for f16/bf16 up to 20 chunks. H100, SD1.5 single vector: 59.92 / 59.75 us against 60.90 /
+// 60.72 at 128 registers (64 registers, 8 blocks: 60.42 / 60.38; fourteenth session, BENCHMARKS.md).
+constexpr int kUnstagedMinBlocks = 3;
 constexpr int kMaxLayers = 48;
 constexpr int kMaxStageBytes = 96 * 1024;
 // The bound path lists at most kCap blocks, and pair bounds need about 1.7 k of them to show k
@@ -90,8 +94,11 @@ __device__ __forceinline__ const VecLayer& item_layer(const WLaunch& launch, int
   return launch.layers[li];
 }
 
-template <typename T, int NC, bool kStage>
-__global__ void __launch_bounds__(kWarps * 32, 2) mask_warp_kernel(const __grid_constant__ WLaunch launch) {
+// kMinBlocks: resident 8-warp blocks per SM the register allocation must allow (2: 128 registers per
+// thread; 3: 80). Staged launches keep 2 (shared memory allows no more blocks); unstaged ones (single
+// vectors) take kUnstagedMinBlocks.
+template <typename T, int NC, bool kStage, int kMinBlocks = 2>
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocks) mask_warp_kernel(const __grid_constant__ WLaunch launch) {
   extern __shared__ uint4 s_rows[];  // kStage: each warp's weight row
   __shared__ int s_list[kWarps][kCap];
   __shared__ int s_scores[kWarps][kCap];  // the scores of the compact list
@@ -182,28 +189,29 @@ KernelFn bound_kernel_for_nc(int nc) {
   }
 }
 
-template <typename T, bool kStage>
+template <typename T, bool kStage, int kMinBlocks = 2>
 KernelFn kernel_for_nc(int nc) {
   switch (nc) {
-    case 5: return mask_warp_kernel<T, 5, kStage>;
-    case 10: return mask_warp_kernel<T, 10, kStage>;
-    case 20: return mask_warp_kernel<T, 20, kStage>;
-    case 32: return mask_warp_kernel<T, 32, kStage>;
+    case 5: return mask_warp_kernel<T, 5, kStage, kMinBlocks>;
+    case 10: return mask_warp_kernel<T, 10, kStage, kMinBlocks>;
+    case 20: return mask_warp_kernel<T, 20, kStage, kMinBlocks>;
+    case 32: return mask_warp_kernel<T, 32, kStage, kMinBlocks>;
     default: throw std::logic_error("memorized_mask (warp): no kernel for " + std::to_string(nc) + " chunks");
   }
 }
 
 template <typename T>
-KernelFn kernel_for_mode(int nc, int mode) {
+KernelFn kernel_for_mode(int nc, int mode, int min_blocks) {
   if (mode == kBounds) return bound_kernel_for_nc<T>(nc);
-  return mode == kStaged ? kernel_for_nc<T, true>(nc) : kernel_for_nc<T, false>(nc);
+  if (mode == kStaged) return kernel_for_nc<T, true>(nc);
+  return min_blocks == 2 ? kernel_for_nc<T, false, 2>(nc) : kernel_for_nc<T, false, kUnstagedMinBlocks>(nc);
 }
 
-KernelFn kernel_for(DType dtype, int nc, int mode) {
+KernelFn kernel_for(DType dtype, int nc, int mode, int min_blocks) {
   switch (dtype) {
-    case DType::kFloat16: return kernel_for_mode<__half>(nc, mode);
-    case DType::kBFloat16: return kernel_for_mode<__nv_bfloat16>(nc, mode);
-    case DType::kFloat32: return kernel_for_mode<float>(nc, mode);
+    case DType::kFloat16: return kernel_for_mode<__half>(nc, mode, min_blocks);
+    case DType::kBFloat16: return kernel_for_mode<__nv_bfloat16>(nc, mode, min_blocks);
+    case DType::kFloat32: return kernel_for_mode<float>(nc, mode, min_blocks);
     default: throw std::invalid_argument("memorized_mask: weight must be float16, bfloat16 or float32");
   }
 }
@@ -216,6 +224,8 @@ bool env_is(const char* name, const char* value) {
 }
 bool warm_start() { return !env_is("MEMLOC_CUDA_MASK_WARM", "0"); }
 bool side_streams_on() { return !env_is("MEMLOC_CUDA_MASK_STREAMS", "0"); }
+// MEMLOC_CUDA_MASK_MINBLOCKS=2: unstaged launches take the 128-register kernels (an ablation).
+int unstaged_min_blocks() { return env_is("MEMLOC_CUDA_MASK_MINBLOCKS", "2") ? 2 : kUnstagedMinBlocks; }
 
 int stage_bytes(DType dtype, int nc, int warps) { return warps * nc * 256 * element_size(dtype); }
 int bound_bytes(int nc, int warps) { return warps * nc * 32 * static_cast<int>(sizeof(float4)); }
@@ -295,7 +305,7 @@ void memorized_mask_warp(const std::vector<const MaskLayerArgs*>& layers, std::u
     const DType dtype = static_cast<DType>(std::get<1>(key));
     const int mode = std::get<2>(key);
     const int smem = mode == kStaged ? stage_bytes(dtype, nc, warps) : mode == kBounds ? bound_bytes(nc, warps) : 0;
-    const KernelFn kernel = kernel_for(dtype, nc, mode);
+    const KernelFn kernel = kernel_for(dtype, nc, mode, unstaged_min_blocks());
     const std::int64_t resident = static_cast<std::int64_t>(blocks_per_sm(reinterpret_cast<const void*>(kernel), warps, smem, device)) * sms;
     for (std::size_t first = 0; first < members.size(); first += kMaxLayers) {
       const std::size_t last = std::min(members.size(), first + kMaxLayers);
