@@ -34,7 +34,9 @@
 // launch per (chunks, dtype, staging) group; when a call has more than one, the launches after the
 // first go to two side streams forked from and joined into the caller's stream
 // (MEMLOC_CUDA_MASK_STREAMS=0: all on the caller's stream). MEMLOC_CUDA_MASK_WARPS sets the rows
-// (warps) per block, MEMLOC_CUDA_MASK=block|warp which kernel eligible layers take.
+// (warps) per block, MEMLOC_CUDA_MASK=block|warp which kernel eligible layers take. Unstaged
+// launches run kernels compiled for 80 registers (kUnstagedMinBlocks; MEMLOC_CUDA_MASK_MINBLOCKS=2:
+// 128), staged ones 128 (shared memory limits them to 4 blocks per SM anyway).
 //
 // Bound path (mask_bound_kernel; batched calls given the norms' pair maxima, k <= 64): pass 1 reads
 // no W and no norms. Each warp stages its row's pair maxima of |W| (float32, 16 bytes per block),
