@@ -27,10 +27,10 @@ pytestmark = [
 # the exact-fallback path). Allow that much, not a habit: (spill store bytes, spill load bytes).
 # The warp kernel (mask_warp.cu) keeps each row's block maxima and gathered scores under a
 # 128-register cap (two 256-thread blocks per SM; unstaged launches since the fourteenth session: 80
-# registers, three such blocks); since its counts became sign-bit sums (twelfth
-# session) ptxas spills nothing for f16/bf16 weights up to 20 chunks (SD's widths; 8 bytes at 32
-# chunks with 80 registers) and at most 24 bytes for f32 (84 / 88 before, and the spill-free
-# kernels measured 7 % faster batched: keep it so). The thread kernel
+# registers, three such blocks); since its counts became sign-bit sums (twelfth session) ptxas
+# spills nothing for f16/bf16 weights up to 20 chunks (SD's widths; 8 bytes at 32 chunks with 80
+# registers) and at most 24 bytes for f32 (84 / 88 before, and the spill-free kernels measured 7 %
+# faster batched: keep it so). The thread kernel
 # (mask_thread.cu) may use 255 registers (shared memory limits it to two 128-thread blocks per SM);
 # what it spills (at most 16 bytes now, 92 before) lies outside its scoring loop: launch setup and
 # the inlined warp fallback (solve_problem). The warp kernel's bound path (mask_bound_kernel,
