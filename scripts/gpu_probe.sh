@@ -14,6 +14,7 @@ for setting in ${TL_ENVS:-MEMLOC_CUDA_MASK_WARM=1}; do
   echo "== $setting"; grep -E "start|span" "$R/tl$i/log" | sed -E 's/(memloc::cuda::).{0,30}//' | cut -c1-120
 done
 for i in $(seq 1 "${ROUNDS:-2}"); do
+  [ $((SECONDS + ${BENCH_S:-200})) -gt "${TOTAL_S:-560}" ] && { echo "round $i skipped (time)"; break; }
   mkdir -p "$R/bench$i"
   OUT="$R/bench$i" timeout "${BENCH_S:-200}" python benchmarks/bench_cuda_mask.py --quick --only "${ONLY:-cuda}" > "$R/bench$i/log" 2>&1
   echo "round $i after ${SECONDS} s"; grep -E "^  sd|MISMATCH|ERROR" "$R/bench$i/log"
