@@ -1,11 +1,12 @@
 """memorized_mask on the GPU: the CUDA warp kernel vs the CUDA block kernel vs Triton vs the reference, same run.
 
 Run from the repository root on a CUDA machine with the extension built with MEMLOC_CUDA=1:
-    python benchmarks/bench_cuda_mask.py [--quick]
+    python benchmarks/bench_cuda_mask.py [--quick | --single]
 Every configuration is checked against the reference first (single vectors: all layers; batched:
 the first 2 subsets). Rows go to $OUT/cuda_mask.csv with GPU, date and commit; the table prints
 last. The warp kernel's exact-path count (problems it could not decide on its fast path) is
-printed per configuration. ``--quick``: SD1.5 only.
+printed per configuration. ``--quick``: SD1.5 only; ``--single``: SD1.5 single vectors only (for
+device calls short of time).
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ def _date() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="SD1.5 only")
+    parser.add_argument("--single", action="store_true", help="SD1.5 single vectors only")
     parser.add_argument("--only", default="", help="comma-separated provider labels to run (default: all)")
     args = parser.parse_args()
     if args.only:
@@ -127,8 +129,9 @@ def main() -> int:
     print(f"{gpu_name()}  torch {torch.__version__}  commit {git_commit()}", flush=True)
     run("sd15 x1", SD15, ())
     run("sd15 x1 heavy", SD15, (), heavy=True)
-    run("sd15 100x10", SD15, (100, 10), rep=200)
-    if not args.quick:
+    if not args.single:
+        run("sd15 100x10", SD15, (100, 10), rep=200)
+    if not (args.quick or args.single):
         run("sd15 100x10 heavy", SD15, (100, 10), heavy=True, rep=200)
         run("sdxl x1", SDXL, ())
         run("sdxl 10x10", SDXL, (10, 10), rep=200)

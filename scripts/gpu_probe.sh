@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: build, then a timeline probe per setting (TL_ENVS: space-separated VAR=VALUE, one
-# setting each), bench_cuda_mask.py --quick for the ONLY providers ROUNDS times, then the TESTS.
+# setting each), bench_cuda_mask.py $BENCH_ARGS (default --quick) for the ONLY providers ROUNDS times,
+# each round skipped when it could run past TOTAL_S, then the TESTS.
 set -uo pipefail
 R=/tmp/r; rm -rf "$R"; mkdir -p "$R"
 trap 'tar -C "$R" -cf "$OUT/results.tar" . 2>/dev/null' EXIT
@@ -16,7 +17,7 @@ done
 for i in $(seq 1 "${ROUNDS:-2}"); do
   [ $((SECONDS + ${BENCH_S:-200})) -gt "${TOTAL_S:-560}" ] && { echo "round $i skipped (time)"; break; }
   mkdir -p "$R/bench$i"
-  OUT="$R/bench$i" timeout "${BENCH_S:-200}" python benchmarks/bench_cuda_mask.py --quick --only "${ONLY:-cuda}" > "$R/bench$i/log" 2>&1
+  OUT="$R/bench$i" timeout "${BENCH_S:-200}" python benchmarks/bench_cuda_mask.py ${BENCH_ARGS:---quick} --only "${ONLY:-cuda}" > "$R/bench$i/log" 2>&1
   echo "round $i after ${SECONDS} s"; grep -E "^  sd|MISMATCH|ERROR" "$R/bench$i/log"
 done
 left=$((${TOTAL_S:-560} - SECONDS))
