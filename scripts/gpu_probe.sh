@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One device call: build, then a timeline probe per setting (TL_ENVS: space-separated VAR=VALUE, one
 # setting each), bench_cuda_mask.py $BENCH_ARGS (default --quick) for the ONLY providers ROUNDS times,
-# each round skipped when it could run past TOTAL_S, then the TESTS.
+# each round skipped when it could run past TOTAL_S, then the TESTS. BUILD=0 skips the build.
 set -uo pipefail
 R=/tmp/r; rm -rf "$R"; mkdir -p "$R"
 trap 'tar -C "$R" -cf "$OUT/results.tar" . 2>/dev/null' EXIT
 export MEMLOC_COMMIT="${MEMLOC_COMMIT:-unknown}"
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv > "$R/gpu.txt" 2>&1; cat "$R/gpu.txt"
-MEMLOC_CUDA=1 python setup.py build_ext --inplace > "$R/build.log" 2>&1; echo "build rc $? after ${SECONDS} s"
+if [ "${BUILD:-1}" = 1 ]; then  # BUILD=0: the tree is built already (run_pending.sh builds its copies at once)
+  MEMLOC_CUDA=1 python setup.py build_ext --inplace > "$R/build.log" 2>&1; echo "build rc $? after ${SECONDS} s"
+fi
 i=0
 for setting in ${TL_ENVS:-MEMLOC_CUDA_MASK_WARM=1}; do
   i=$((i + 1)); mkdir -p "$R/tl$i"

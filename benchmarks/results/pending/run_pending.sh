@@ -39,7 +39,8 @@ measure() {
   shift 2
   [ "$budget" -gt 60 ] || { echo "$name: skipped (${budget} s left)"; return; }
   echo "== $name (${budget} s)"
-  (cd "/tmp/$name" && env OUT="$A/$name" MEMLOC_COMMIT="${MEMLOC_COMMIT:-main}+$name" TOTAL_S="$budget" "$@" bash scripts/gpu_probe.sh)
+  (cd "/tmp/$name" && env OUT="$A/$name" MEMLOC_COMMIT="${MEMLOC_COMMIT:-main}+$name" TOTAL_S="$budget" BUILD=0 \
+    "$@" bash scripts/gpu_probe.sh)
   echo "$name done at ${SECONDS} s"
 }
 
