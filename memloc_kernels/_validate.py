@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -61,13 +62,31 @@ def sumsq(name: str, x, d_in: int, max_dims: int, check_finite: bool = True) -> 
             raise ValueError(f"{name} contains NaN or inf")
         if bool((x < 0).any()):
             raise ValueError(f"{name} contains negative values (sums of squares are >= 0)")
+        if x.dtype == torch.float64 and not bool(torch.isfinite(x.to(torch.float32)).all()):
+            raise ValueError(f"{name} has values too large for float32, in which scores are computed")
 
 
-def sparsity(s) -> None:
-    if isinstance(s, bool) or not isinstance(s, (int, float)):
+def finite_weight(name: str, x: torch.Tensor) -> None:
+    """Masks of NaN/inf weights are not defined (backends may rank a NaN score differently)."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or inf (masks of such weights are not defined)")
+
+
+def sparsity(s) -> float:
+    """Checks ``s`` (any real number type, numpy's included) and returns it as a float."""
+    if isinstance(s, bool) or not isinstance(s, numbers.Real):
         raise TypeError(f"sparsity must be a number in (0, 1], got {type(s).__name__}")
+    s = float(s)
     if not (math.isfinite(s) and 0 < s <= 1):
         raise ValueError(f"sparsity must be in (0, 1], got {s}")
+    return s
+
+
+def positive_int(name: str, x) -> int:
+    """Checks that ``x`` is a positive integer (numpy's included) and returns it as an int."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x <= 0:
+        raise ValueError(f"{name} must be a positive int, got {x!r}")
+    return int(x)
 
 
 def bool_mask(name: str, x) -> None:
@@ -76,6 +95,23 @@ def bool_mask(name: str, x) -> None:
         raise TypeError(f"{name} must be a bool tensor (or a PackedMask), got {x.dtype}")
     if x.dim() < 1:
         raise ValueError(f"{name} must have at least one dim, got a scalar")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} must have a non-empty last (column) dim, got shape {tuple(x.shape)}")
+
+
+def clean_padding(name: str, words: torch.Tensor, d_in: int) -> None:
+    """A PackedMask's bits past ``d_in`` in each last word must be zero (they would be counted)."""
+    if d_in % 32 == 0 or words.numel() == 0:
+        return
+    pad = torch.tensor(-(1 << (d_in % 32)), dtype=torch.int32, device=words.device)  # bits d_in % 32 .. 31
+    if bool((words[..., -1] & pad).any()):
+        raise ValueError(f"{name} has bits set past column {d_in - 1} (a PackedMask's padding bits must be zero)")
+
+
+def not_requiring_grad(name: str, x: torch.Tensor) -> None:
+    """In-place ops on a tensor autograd tracks would bypass it: refuse them, as torch does for leaves."""
+    if x.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} requires grad: modify it in place under torch.no_grad() or pass {name}.detach()")
 
 
 def same_device(**tensors) -> None:

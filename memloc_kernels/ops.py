@@ -7,13 +7,15 @@ Every function takes ``backend="auto"`` (see ``memloc_kernels._dispatch`` for th
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
+from torch.autograd.graph import increment_version
 
 from . import _validate as v
+from . import reference as _ref
 from ._dispatch import select, select_memorized_mask
-from .reference import topk_count
 from .types import PackedMask, PruneRecord, n_words
 
 __all__ = [
@@ -32,14 +34,18 @@ __all__ = [
 ]
 
 
+def topk_count(sparsity: float, d_in: int) -> int:
+    """Number of columns selected per row by eq. 5: ``k = max(1, floor(sparsity * d_in))``."""
+    return _ref.topk_count(v.sparsity(sparsity), v.positive_int("d_in", d_in))
+
+
 def _groups(rows: int, d_in: int, acc: torch.Tensor, group_size: int | None) -> tuple[int, int]:
     """Checks ``acc`` against ``rows`` and ``group_size``; returns ``(groups, group_size)``."""
     if group_size is None:
         if tuple(acc.shape) != (d_in,):
             raise ValueError(f"acc must have shape [{d_in}] without group_size, got {tuple(acc.shape)}")
         return 1, rows
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
-        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    group_size = v.positive_int("group_size", group_size)
     if rows % group_size:
         raise ValueError(f"group_size {group_size} does not divide the {rows} rows of h")
     groups = rows // group_size
@@ -66,8 +72,8 @@ def accumulate_sumsq(
     v.float_tensor("h", h)
     v.accumulator("acc", acc)
     v.same_device(h=h, acc=acc)
-    if h.dim() < 1:
-        raise ValueError("h must have at least one dim (the feature dim)")
+    if h.dim() < 1 or h.shape[-1] == 0:
+        raise ValueError(f"h must have a non-empty last (feature) dim, got shape {tuple(h.shape)}")
     d_in = h.shape[-1]
     h2 = h.reshape(-1, d_in)
     groups, group_size = _groups(h2.shape[0], d_in, acc, group_size)
@@ -91,8 +97,10 @@ def geglu_sumsq(
     v.float_tensor("proj_out", proj_out)
     v.accumulator("acc", acc)
     v.same_device(proj_out=proj_out, acc=acc)
-    if proj_out.dim() < 1 or proj_out.shape[-1] % 2:
-        raise ValueError(f"proj_out's last dim must be even (hidden and gate halves), got {tuple(proj_out.shape)}")
+    if proj_out.dim() < 1 or proj_out.shape[-1] % 2 or proj_out.shape[-1] == 0:
+        raise ValueError(
+            f"proj_out's last dim must be even and non-zero (hidden and gate halves), got {tuple(proj_out.shape)}"
+        )
     d_ff = proj_out.shape[-1] // 2
     p2 = proj_out.reshape(-1, 2 * d_ff)
     groups, group_size = _groups(p2.shape[0], d_ff, acc, group_size)
@@ -158,16 +166,21 @@ def memorized_mask(
         sparsity: ``s`` in ``(0, 1]``.
         packed: return a :class:`PackedMask` instead of a bool tensor.
         out: an existing mask (bool tensor, or PackedMask when ``packed``) of the result's shape
-            into which the result is OR-ed in place and which is returned.
-        check_finite: check ``sumsq`` for NaN/inf/negative values (one device sync).
+            into which the result is OR-ed in place and which is returned (a PackedMask's bits
+            past ``d_in`` must be zero: they are not checked here, to keep this call sync-free).
+        check_finite: check ``sumsq`` and ``null_sumsq`` for NaN/inf/negative values and ``weight``
+            for NaN/inf (a few device syncs and one read of ``weight``). Masks of inputs that fail
+            these checks are not defined: backends may differ on them.
     Returns:
         ``[d_out, d_in]`` for 1-D ``sumsq``, else ``[S, d_out, d_in]`` (bool, or packed).
     """
     v.weight("weight", weight)
     d_out, d_in = weight.shape
-    v.sparsity(sparsity)
+    sparsity = v.sparsity(sparsity)
     v.same_device(weight=weight, sumsq=sumsq, null_sumsq=null_sumsq)
     s3, n3, lead = _canonical_stats("sumsq", "null_sumsq", sumsq, null_sumsq, d_in, check_finite)
+    if check_finite:
+        v.finite_weight("weight", weight)
     k = topk_count(sparsity, d_in)
     shape = (*lead, d_out, d_in)
     words = _output_words(out, packed, shape, weight.device)
@@ -193,9 +206,9 @@ def memorized_masks(
     """
     if not (len(weights) == len(sumsqs) == len(null_sumsqs)) or (outs is not None and len(outs) != len(weights)):
         raise ValueError("weights, sumsqs, null_sumsqs (and outs) must have the same length")
+    sparsity = v.sparsity(sparsity)
     if len(weights) == 0:
         return []
-    v.sparsity(sparsity)
     device = weights[0].device
     ws, s3s, n3s, ks, words, views = [], [], [], [], [], []
     for i, (w, s, n) in enumerate(zip(weights, sumsqs, null_sumsqs)):
@@ -203,6 +216,8 @@ def memorized_masks(
         v.same_device(**{"weights[0]": weights[0], f"weights[{i}]": w, f"sumsqs[{i}]": s, f"null_sumsqs[{i}]": n})
         d_out, d_in = w.shape
         s3, n3, lead = _canonical_stats(f"sumsqs[{i}]", f"null_sumsqs[{i}]", s, n, d_in, check_finite)
+        if check_finite:
+            v.finite_weight(f"weights[{i}]", w)
         out_words = _output_words(None if outs is None else outs[i], True, (*lead, d_out, d_in), device)
         ws.append(w)
         s3s.append(s3)
@@ -293,6 +308,7 @@ def _as_words(name: str, mask, shape: tuple[int, int], device, backend: str) -> 
             raise ValueError(f"{name} must have shape {list(shape)}, got {list(mask.shape)}")
         if mask.device != device:
             raise ValueError(f"{name} is on {mask.device}, expected {device} (the weight's device)")
+        v.clean_padding(name, mask.words, mask.d_in)
         return PackedMask(mask.words.contiguous(), mask.d_in)
     v.bool_mask(name, mask)
     if tuple(mask.shape) != shape:
@@ -309,9 +325,11 @@ def apply_mask(weight: torch.Tensor, mask: torch.Tensor | PackedMask, *, backend
     :func:`restore` puts back the exact original bits.
     """
     v.weight("weight", weight, allow_float64=True)
+    v.not_requiring_grad("weight", weight)
     packed = _as_words("mask", mask, tuple(weight.shape), weight.device, backend)
     impl = select("apply_mask", backend, weight.device)
     removed = impl.apply_mask(weight, packed.words)
+    increment_version(weight)  # as torch's own in-place ops do, so autograd sees the change
     return PruneRecord(packed, removed, tuple(weight.shape), weight.dtype)
 
 
@@ -320,15 +338,27 @@ def restore(weight: torch.Tensor, record: PruneRecord, *, backend: str = "auto")
     if not isinstance(record, PruneRecord):
         raise TypeError(f"record must be a PruneRecord, got {type(record).__name__}")
     v.weight("weight", weight, allow_float64=True)
+    v.not_requiring_grad("weight", weight)
     if tuple(weight.shape) != record.shape or weight.dtype != record.dtype:
         raise ValueError(
             f"record is for a {list(record.shape)} {record.dtype} weight, got {list(weight.shape)} {weight.dtype}"
         )
-    words = record.mask.words
-    if words.device != weight.device or record.removed.device != weight.device:
+    words, removed = record.mask.words, record.removed
+    if record.mask.shape != tuple(weight.shape):
+        raise ValueError(f"record.mask must have shape {list(weight.shape)}, got {list(record.mask.shape)}")
+    if words.device != weight.device or removed.device != weight.device:
         raise ValueError(f"record is on {words.device}, expected {weight.device} (the weight's device)")
+    if not isinstance(removed, torch.Tensor) or removed.dtype != weight.dtype or removed.dim() != 1:
+        got = f"{removed.dtype} of shape {tuple(removed.shape)}" if isinstance(removed, torch.Tensor) else type(removed)
+        raise ValueError(f"record.removed must be a 1-D {weight.dtype} tensor, got {got}")
+    words = words.contiguous()
+    v.clean_padding("record.mask", words, record.mask.d_in)
+    selected = int(select("mask_popcount", backend, weight.device).mask_popcount(words).sum())
+    if removed.numel() != selected:
+        raise ValueError(f"record.removed holds {removed.numel()} values but record.mask selects {selected}")
     impl = select("restore", backend, weight.device)
-    impl.restore(weight, words.contiguous(), record.removed)
+    impl.restore(weight, words, removed.contiguous())
+    increment_version(weight)
     return weight
 
 
@@ -336,18 +366,19 @@ def _words2d(name: str, masks, backend: str, batched: bool) -> tuple[torch.Tenso
     """Masks as int32 words ``[N, W]`` plus the number of mask elements per row of that view."""
     if isinstance(masks, PackedMask):
         words, d_in = masks.words.contiguous(), masks.d_in
+        v.clean_padding(name, words, d_in)
     else:
         v.bool_mask(name, masks)
         packed = pack_mask(masks, backend=backend)
         words, d_in = packed.words, packed.d_in
+    shape = (*words.shape[:-1], d_in)  # the mask's
     if batched:
         if words.dim() < 2:
-            raise ValueError(f"{name} must have a leading mask dim N, got shape {tuple(words.shape)}")
-        per_row = math.prod(words.shape[1:-1]) * d_in
-        return words.reshape(words.shape[0], -1), per_row
+            raise ValueError(f"{name} must have a leading mask dim N, got shape {shape}")
+        return words.reshape(words.shape[0], math.prod(words.shape[1:])), math.prod(shape[1:])
     if words.dim() < 2:
-        raise ValueError(f"{name} must have shape [..., d_out, d_in], got {tuple(words.shape)[:-1] + (d_in,)}")
-    return words.reshape(-1, words.shape[-2] * words.shape[-1]), words.shape[-2] * d_in
+        raise ValueError(f"{name} must have shape [..., d_out, d_in], got {shape}")
+    return words.reshape(math.prod(words.shape[:-2]), words.shape[-2] * words.shape[-1]), words.shape[-2] * d_in
 
 
 def mask_density(masks: torch.Tensor | PackedMask, *, backend: str = "auto") -> torch.Tensor:
@@ -369,9 +400,13 @@ def mask_iou(
     Two empty masks have no defined IoU (0/0); their entry is ``empty_value`` (NaN by default, so
     that averages can skip such pairs with ``nanmean``).
     """
+    if isinstance(empty_value, bool) or not isinstance(empty_value, numbers.Real):
+        raise TypeError(f"empty_value must be a number, got {type(empty_value).__name__}")
     words, _ = _words2d("masks", masks, backend, batched=True)
     if words.shape[0] == 0:
         return torch.zeros(0, 0, dtype=torch.float64, device=words.device)
+    if words.shape[1] == 0:  # masks of no elements: every pair is empty
+        return torch.full((words.shape[0],) * 2, float(empty_value), dtype=torch.float64, device=words.device)
     impl = select("mask_intersections", backend, words.device)
     inter = impl.mask_intersections(words).to(torch.float64)
     sizes = torch.diagonal(inter)

@@ -172,8 +172,12 @@ def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def restore(weight: torch.Tensor, mask: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
-    """Undo :func:`apply_mask`: write ``removed`` back where ``mask`` is set, in place."""
-    weight[mask] = removed
+    """Undo :func:`apply_mask`: write ``removed`` back where ``mask`` is set, in place.
+
+    The values are written as integers of their width: a float copy may quiet a signalling NaN.
+    """
+    bits = {8: torch.int64, 4: torch.int32, 2: torch.int16}[weight.element_size()]
+    weight.view(bits)[mask] = removed.view(bits)
     return weight
 
 

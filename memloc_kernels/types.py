@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,10 @@ class PackedMask:
     d_in: int
 
     def __post_init__(self) -> None:
+        if not isinstance(self.words, torch.Tensor):
+            raise TypeError(f"PackedMask.words must be a torch.Tensor, got {type(self.words).__name__}")
+        if isinstance(self.d_in, bool) or not isinstance(self.d_in, numbers.Integral) or self.d_in <= 0:
+            raise ValueError(f"PackedMask.d_in must be a positive int, got {self.d_in!r}")
         if self.words.dtype != torch.int32:
             raise TypeError(f"PackedMask.words must be int32, got {self.words.dtype}")
         if self.words.dim() < 1 or self.words.shape[-1] != n_words(self.d_in):

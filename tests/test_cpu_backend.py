@@ -48,8 +48,8 @@ def random_stats(d_in: int, *lead: int) -> tuple[torch.Tensor, torch.Tensor]:
     return sumsq, null_sumsq
 
 
-def both_masks(weight, sumsq, null_sumsq, sparsity):
-    actual = mk.memorized_mask(weight, sumsq, null_sumsq, sparsity, backend="cpu")
+def both_masks(weight, sumsq, null_sumsq, sparsity, check_finite=True):
+    actual = mk.memorized_mask(weight, sumsq, null_sumsq, sparsity, check_finite=check_finite, backend="cpu")
     expected = ref.memorized_mask(weight, sumsq, null_sumsq, sparsity)
     return actual, expected
 
@@ -172,8 +172,9 @@ def test_all_zero_weight_and_zero_null():
 
 
 def test_nan_and_inf_weights_follow_torch_topk():
-    # Degenerate input the API does not reject: torch.topk ranks NaN above every number, so a
-    # NaN score takes a top-k slot without ever being memorized (NaN > x is false).
+    # Degenerate input the API refuses by default (check_finite) and this backend still defines:
+    # torch.topk ranks NaN above every number, so a NaN score takes a top-k slot without ever
+    # being memorized (NaN > x is false). (The triton backend's kernels do not follow this rule.)
     weight = torch.randn(12, 300)
     weight[torch.rand(12, 300) < 0.03] = float("nan")
     weight[3] = float("nan")
@@ -183,7 +184,7 @@ def test_nan_and_inf_weights_follow_torch_topk():
     sumsq[15] = 0  # inf * 0 = NaN score in row 6
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for sparsity in (0.005, 0.02, 0.1):
-            actual, expected = both_masks(weight.to(dtype), sumsq, null_sumsq, sparsity)
+            actual, expected = both_masks(weight.to(dtype), sumsq, null_sumsq, sparsity, check_finite=False)
             assert_masks_equal(actual, expected, f"{dtype} s={sparsity}")
 
 
@@ -354,13 +355,20 @@ def test_restore_rejects_a_removed_buffer_of_the_wrong_length():
         mk.restore(weight, short, backend="cpu")
 
 
-def test_apply_mask_ignores_padding_bits():
+def test_apply_mask_kernel_ignores_padding_bits():
+    # The API refuses such a PackedMask (tests/test_ops_contract.py); the kernel itself reads only
+    # the columns below d_in all the same.
+    from memloc_kernels.backends.cpu import BACKEND
+
     weight = torch.randn(3, 40)
     mask = torch.rand(3, 40) < 0.5
     words = ref.pack_mask(mask)
     words[:, 1] |= torch.tensor(-(2**31), dtype=torch.int32)  # bit 63: past d_in = 40
-    record = mk.apply_mask(weight.clone(), mk.PackedMask(words, 40), backend="cpu")
-    assert record.count == int(mask.sum())
+    with pytest.raises(ValueError, match="past column 39"):
+        mk.apply_mask(weight.clone(), mk.PackedMask(words, 40), backend="cpu")
+    pruned = weight.clone()
+    removed = BACKEND.apply_mask(pruned, words)
+    assert removed.numel() == int(mask.sum()) and torch.equal(pruned, weight.masked_fill(mask, 0))
 
 
 # --- density and IoU --------------------------------------------------------------------------------

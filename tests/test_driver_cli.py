@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import memloc_kernels as mk
 from memloc import cli
-from memloc.api import load_pipeline, load_stats, read_mask_file
+from memloc.api import find_ffn_layers, load_pipeline, load_stats, read_mask_file
 from memloc.stats import StatsCheckpoint, read_stats_metadata
 from memloc.tiny import build_tiny_pipeline, write_char_tokenizer
 
@@ -155,6 +157,28 @@ def _malformed_models(env) -> dict[str, Path]:
     return {p.name: p for p in root.iterdir()}
 
 
+def _nan_weight_model(env) -> Path:
+    """The model with one NaN in its last FFN's second linear weight (its fingerprint is unchanged)."""
+    out = env["root"] / "nan_weight"
+    if not out.exists():
+        pipe = load_pipeline(env["model"], "cpu")
+        with torch.no_grad():
+            find_ffn_layers(pipe.unet)[-1].linear.weight[0, 3] = float("nan")
+        pipe.save_pretrained(out)
+    return out
+
+
+def _nan_stats(env) -> Path:
+    """The statistics file with one NaN in its conditional statistics."""
+    out = env["root"] / "nan_stats.safetensors"
+    if not out.exists():
+        with safe_open(env["stats"], "pt") as f:
+            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        tensors["cond"].view(-1)[5] = float("nan")
+        save_file(tensors, out, metadata=metadata)
+    return out
+
+
 def _prompt_file(env, name: str, text: str) -> Path:
     path = env["root"] / name
     path.write_text(text)
@@ -193,6 +217,8 @@ BAD_INPUTS = [
         e, "bad.jsonl", '{"caption": "ok"}\n{"caption": oops}\n'))}), "line 2 is not JSON", "s.st"),
     ("prompts-duplicated", lambda e, o: _collect(e, o, **{"--prompts": str(_prompt_file(
         e, "dup.txt", "a cat\na dog\na cat\n"))}), "repeats the prompt of line 1", "s.st"),
+    ("model-gives-nan", lambda e, o: _collect(e, o, **{"--model": str(_nan_weight_model(e))}),
+     "are NaN or inf for prompt 1", "s.st"),
     ("tau-beyond-steps", lambda e, o: _collect(e, o, **{"--steps": "3", "--timesteps": "5"}), "beyond", "s.st"),
     ("bad-device", lambda e, o: _collect(e, o, **{"--device": "nonsense"}), "not a torch device", "s.st"),
     ("output-unwritable", lambda e, o: _collect(e, Path("/proc/memloc-test/s.st")), "cannot create output folder",
@@ -212,6 +238,10 @@ BAD_INPUTS = [
      "not a memloc statistics file", "m.st"),
     ("stats-incomplete", lambda e, o: ["localize", "--stats", str(_incomplete_stats(e)), "--out", str(o)],
      "incomplete", "m.st"),
+    ("stats-hold-nan", lambda e, o: ["localize", "--stats", str(_nan_stats(e)), "--out", str(o)],
+     "hold NaN, inf or negative values", "m.st"),
+    ("weights-hold-nan", lambda e, o: _localize(e, o, "--model", str(_nan_weight_model(e))),
+     "ff.net.2 holds NaN or inf", "m.st"),
     ("stats-other-model-weights", lambda e, o: _localize(e, o, "--model", str(e["other_weights"])),
      "different model", "m.st"),
     ("stats-other-model-shapes", lambda e, o: _localize(e, o, "--model", str(e["other_shapes"])),
@@ -307,3 +337,19 @@ def test_missing_embedded_model_is_named(env, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "embedded model is not installed" in err and "--model" in err, err
     assert not out.exists()
+
+
+def test_mask_file_with_bits_past_d_in_is_malformed(tmp_path):
+    from memloc.errors import MemlocError
+    from memloc.localize import write_mask_file
+
+    meta = {"model": {"layers": [{"name": "ffn", "d_out": 2, "d_in": 40}]}}
+    clean = mk.pack_mask(torch.rand(1, 2, 40) < 0.5)
+    write_mask_file(tmp_path / "clean.safetensors", [clean], meta)
+    assert torch.equal(read_mask_file(tmp_path / "clean.safetensors").masks[0].words, clean.words)
+    for bit in (8, 31):  # column 40, and the sign bit of the last word (column 63)
+        words = clean.words.clone()
+        words[0, 1, -1] |= torch.tensor(1 << bit).to(torch.int32)
+        write_mask_file(tmp_path / f"dirty{bit}.safetensors", [mk.PackedMask(words, 40)], meta)
+        with pytest.raises(MemlocError, match="layer ffn has bits set past column 39"):
+            read_mask_file(tmp_path / f"dirty{bit}.safetensors")

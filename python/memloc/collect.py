@@ -227,10 +227,16 @@ def _denoise_batch(runner: Denoiser, accs: Accumulators, prompts: list[str], see
 
 
 class _Writer:
-    """Writes finished batches into the checkpoint on a background thread, overlapping the next batch."""
+    """Writes finished batches into the checkpoint on a background thread, overlapping the next batch.
 
-    def __init__(self, checkpoint: StatsCheckpoint) -> None:
+    A batch whose statistics hold NaN or inf is not written: the run stops with an error naming the
+    prompt and the layer (a broken model, or activations that overflow the model's dtype).
+    """
+
+    def __init__(self, checkpoint: StatsCheckpoint, layers: list[FFNLayer], prompts: list[str]) -> None:
         self.checkpoint = checkpoint
+        self.layers = layers
+        self.prompts = prompts
         self.error: BaseException | None = None
         # one batch queued at most: a crash loses the batch in flight and at most the one being written
         self._queue: queue.Queue = queue.Queue(maxsize=1)
@@ -248,11 +254,25 @@ class _Writer:
             try:
                 if copied is not None:
                     copied.synchronize()  # releases the GIL: the main thread keeps launching the next batch
+                self._check_finite(rows, indices, done_flag == "null_done")
                 for name, branch in zip(names, (1, 0)):
                     self.checkpoint.write_rows(name, indices, rows[branch])
                 self.checkpoint.mark_done(done_flag, indices)
             except BaseException as exc:  # surfaced in the main thread by submit()/close()
                 self.error = exc
+
+    def _check_finite(self, rows: torch.Tensor, indices: list[int], null: bool) -> None:
+        bad = ~torch.isfinite(rows)
+        if not bool(bad.any()):
+            return
+        branch, sample, step, column = (int(x) for x in bad.nonzero()[0])
+        layer = int(np.searchsorted(np.cumsum([x.d_in for x in self.layers]), column, side="right"))
+        prompt = "the empty prompt" if null else f"prompt {indices[sample] + 1} ({self.prompts[indices[sample]]!r})"
+        raise MemlocError(
+            f"the activations entering {self.layers[layer].name} are NaN or inf for {prompt} at timestep index "
+            f"{step} ({('unconditional', 'conditional')[branch]} branch): the model's weights are broken or its "
+            "activations overflow its dtype (try --dtype float32)"
+        )
 
     def submit(
         self,
@@ -272,6 +292,8 @@ class _Writer:
         self._raise()
 
     def _raise(self) -> None:
+        if isinstance(self.error, MemlocError):
+            raise MemlocError(str(self.error))
         if self.error is not None:
             raise MemlocError(f"cannot write {self.checkpoint.path}: {self.error}")
 
@@ -443,7 +465,7 @@ def _fill(checkpoint, runner, layers, meta, batch_size, backend, normalize, prog
     todo = [int(i) for i in np.flatnonzero(~checkpoint.done("done"))]
     null_todo = [int(i) for i in np.flatnonzero(~checkpoint.done("null_done"))] if meta["null"] == "empty" else []
     accs = Accumulators(layers, runner.n_steps, runner.device)
-    writer = _Writer(checkpoint)
+    writer = _Writer(checkpoint, layers, prompts)
     to_host = _HostCopier(torch.device(runner.device))
     repeated = {s for s, n in Counter(seeds).items() if n > 1}
     null_cache: dict[int, torch.Tensor] = {}

@@ -212,8 +212,12 @@ def subset_masks(
         try:
             signal, null = subset_stats.sums(batch)
             # one device sync for the whole chunk instead of the ops' two per tensor
-            check = not _all_finite_nonnegative(signal + null)
-            mk.memorized_masks(weights, signal, null, sparsity, outs=outs, check_finite=check, backend=backend)
+            if not _all_finite_nonnegative(signal + null):
+                bad = next(i for i, pair in enumerate(zip(signal, null)) if not _all_finite_nonnegative(list(pair)))
+                raise MemlocError(
+                    f"the statistics of FFN layer {bad} hold NaN, inf or negative values; collect them again"
+                )
+            mk.memorized_masks(weights, signal, null, sparsity, outs=outs, check_finite=False, backend=backend)
         except torch.OutOfMemoryError:
             if chunk == 1:
                 raise
@@ -231,7 +235,7 @@ def _all_finite_nonnegative(tensors: list[torch.Tensor]) -> bool:
     """Whether every value is finite and >= 0, with one host sync for all tensors.
 
     min/max propagate NaN, so a NaN fails ``min >= 0``; -inf fails it too and +inf fails
-    ``max < inf``. When this says no, the ops' own check runs and raises its usual error.
+    ``max < inf``.
     """
     bounds = torch.stack([torch.stack(torch.aminmax(t.float())) for t in tensors]).cpu()
     return bool((bounds[:, 0] >= 0).all()) and bool((bounds[:, 1] < math.inf).all())
@@ -298,6 +302,8 @@ def read_mask_file(path: str | os.PathLike, device: str | torch.device = "cpu") 
                         f"{path} is malformed: layer {name} holds {words.dtype} {tuple(words.shape)}, "
                         f"expected int32 [S, {d_out}, {mk.n_words(d_in)}]"
                     )
+                if d_in % 32 and bool((words[..., -1] >> (d_in % 32)).any()):  # arithmetic shift: sign bit too
+                    raise MemlocError(f"{path} is malformed: layer {name} has bits set past column {d_in - 1}")
                 masks.append(mk.PackedMask(words.to(device), d_in))
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise MemlocError(f"{path} is not a readable memloc mask file ({exc})") from None
@@ -332,6 +338,9 @@ def load_checked_denoiser(
     layers = find_ffn_layers(denoiser)
     model_id = identity(denoiser, layers, source)
     check_identity(meta["model"], model_id, f"statistics file {stats}")
+    finite = torch.stack([torch.isfinite(layer.weight.detach()).all() for layer in layers]).tolist()
+    if not all(finite):
+        raise MemlocError(f"the weight of {layers[finite.index(False)].name} holds NaN or inf: the model is broken")
     return dev, layers, model_id
 
 
