@@ -228,6 +228,10 @@ BAD_INPUTS = [
     ("analyze-output-is-a-file", lambda e, o: ["analyze", "--stats", str(e["stats"]), "--out", str(e["prompts"])],
      "is a file, expected a folder", None),
     ("prune-output-is-a-file", lambda e, o: _prune(e, e["prompts"]), "is a file, expected a folder", None),
+    ("output-is-its-statistics", lambda e, o: _localize(e, e["stats"]), "would overwrite the statistics file", None),
+    ("output-inside-the-model", lambda e, o: _prune(e, e["model"] / "unet"), "would overwrite the model", None),
+    ("output-is-the-current-folder", lambda e, o: ["analyze", "--stats", str(e["stats"]), "--out", "."],
+     "is the current folder", None),
     ("sparsity-zero", lambda e, o: _localize(e, o, "--sparsity", "0"), "in (0, 1]", "m.st"),
     ("sparsity-above-one", lambda e, o: _localize(e, o, "--sparsity", "1.5"), "in (0, 1]", "m.st"),
     ("sparsity-nan", lambda e, o: _localize(e, o, "--sparsity", "nan"), "(0, 1]", "m.st"),
@@ -353,3 +357,49 @@ def test_mask_file_with_bits_past_d_in_is_malformed(tmp_path):
         write_mask_file(tmp_path / f"dirty{bit}.safetensors", [mk.PackedMask(words, 40)], meta)
         with pytest.raises(MemlocError, match="layer ffn has bits set past column 39"):
             read_mask_file(tmp_path / f"dirty{bit}.safetensors")
+
+
+def test_output_folders_are_replaced_only_when_memloc_wrote_them(env, tmp_path, capsys):
+    out = tmp_path / "analysis"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    argv = ["analyze", "--stats", str(env["stats"]), "--out", str(out), "--subsets", "2", "--subset-size", "2"]
+    assert cli.main(argv) == 2
+    assert "holds files memloc did not write" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()  # an empty folder is taken
+    assert cli.main(argv) == 0 and (out / ".memloc-output").is_file() and (out / "analysis.csv").is_file()
+    assert cli.main(argv) == 0, "a folder memloc wrote is replaced"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["analysis"], "a temporary folder was left behind"
+
+
+def test_unavailable_backend_is_a_one_line_error(env, tmp_path, capsys):
+    from memloc_kernels.backends.cuda import BACKEND
+
+    if BACKEND.availability()[0]:
+        pytest.skip("the cuda backend can run here")
+    assert cli.main(_localize(env, tmp_path / "m.st", "--backend", "cuda")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("memloc localize: error: --backend: backend 'cuda' is not available") and "\n" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["attack", "eval"])
+def test_attack_and_eval_refuse_a_bad_mask_before_sampling(env, tmp_path, capsys, monkeypatch, command):
+    import memloc.eval.attack
+    import memloc.eval.compare
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampling started before the mask file was checked")
+
+    monkeypatch.setattr(memloc.eval.attack, "attack_pipeline", no_sampling)
+    monkeypatch.setattr(memloc.eval.compare, "evaluate_method", no_sampling)
+    for model, mask, message in [(env["model"], env["stats"], "not a memloc mask file"),
+                                 (env["other_weights"], env["mask"], "different model")]:
+        out = tmp_path / command
+        argv = [command, "--model", str(model), "--mask", str(mask), "--prompts", str(env["prompts"]),
+                "--samples", "2", "--steps", "1", "--device", "cpu", "--out", str(out)]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        assert not out.exists()

@@ -158,3 +158,35 @@ def test_eval_optional_model_messages(files, tmp_path, capsys, extra, message):
     assert code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "command, extra, message",
+    [
+        ("attack", ["--tile-grid", "100"], "--tile-grid must be in 1..16 for 16x16 images"),
+        ("eval", ["--tile-grid", "64"], "--tile-grid must be in 1..16 for 16x16 images"),
+        ("attack", ["--guidance", "nan"], "guidance must be a finite number"),
+        ("eval", ["--guidance", "nan"], "--guidance must be a finite number"),
+        ("eval", ["--mitigation-lr", "-1"], "--mitigation-lr must be a number > 0"),
+        ("eval", ["--mitigation-iters", "-1"], "--mitigation-iters must be >= 0"),
+        ("eval", ["--threshold", "0"], "--threshold must be a number > 0"),
+        ("eval", ["--save-samples", "-1"], "--save-samples must be >= 0"),
+    ],
+    ids=["attack-grid", "eval-grid", "attack-guidance", "eval-guidance", "eval-lr", "eval-iters", "eval-threshold",
+         "eval-save-samples"],
+)
+def test_bad_settings_fail_before_sampling(files, tmp_path, capsys, monkeypatch, command, extra, message):
+    import memloc.eval.attack
+    import memloc.eval.compare
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampling started before the settings were checked")
+
+    monkeypatch.setattr(memloc.eval.attack, "attack_pipeline", no_sampling)
+    monkeypatch.setattr(memloc.eval.compare, "evaluate_method", no_sampling)
+    out = tmp_path / command
+    code = main([command, "--model", str(files / "model"), "--prompts", str(files / "prompts.txt"), "--samples", "2",
+                 "--steps", "1", "--device", "cpu", "--out", str(out), *extra])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

@@ -218,8 +218,17 @@ def test_read_prompts_formats(tmp_path):
     assert read_prompts(tmp_path / "p.txt") == ["a cat", "the sea"]
     assert read_prompts(tmp_path / "p.jsonl") == ["a cat", "b"]
     assert read_prompts(tmp_path / "p.json") == ["x", "y"]
+    # .csv as memloc collect reads it (a caption column), not line by line
+    (tmp_path / "p.csv").write_text('caption,x\n"a cat, sitting",1\nthe sea,2\n')
+    assert read_prompts(tmp_path / "p.csv") == ["a cat, sitting", "the sea"]
     with pytest.raises(MemlocError, match="entry 1"):
         read_prompts(tmp_path / "bad.jsonl")
+    (tmp_path / "grid.png").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(MemlocError, match="not UTF-8"):
+        read_prompts(tmp_path / "grid.png")
+    (tmp_path / "notes.md").write_text("a cat\n")
+    with pytest.raises(MemlocError, match="unknown type"):
+        read_prompts(tmp_path / "notes.md")
     with pytest.raises(MemlocError, match="holds no prompts"):
         read_prompts(tmp_path / "empty.txt")
     with pytest.raises(MemlocError, match="does not exist"):

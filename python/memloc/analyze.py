@@ -19,7 +19,7 @@ import torch
 
 import memloc_kernels as mk
 
-from .io import atomic_dir
+from .io import atomic_dir, check_apart
 from .localize import SubsetStatistics, load_checked_denoiser, read_options, resolve_subsets, subset_masks
 from .stats import check_output_dir, load_stats
 
@@ -65,6 +65,7 @@ def analyze(
 
     sparsity, meta, tau, null = read_options(stats, sparsity, timesteps, null)
     out = check_output_dir(out)
+    check_apart(out, statistics_file=stats, model=model)
     chosen = resolve_subsets(
         meta["prompts"],
         subsets=subsets,

@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
             print(f"memloc {args.command}: error: out of GPU memory; try a smaller --batch-size", file=sys.stderr)
             return 2
+        if type(exc).__name__ == "BackendUnavailableError":  # --backend names one that cannot run here
+            print(f"memloc {args.command}: error: --backend: {exc}", file=sys.stderr)
+            return 2
         raise
 
 

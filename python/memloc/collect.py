@@ -37,6 +37,7 @@ import memloc_kernels as mk
 from . import __version__
 from .errors import MemlocError
 from .ffn import FFNLayer, find_ffn_layers, identity
+from .io import check_apart
 from .pipeline import denoiser_of, dtype_name, load_pipeline
 from .prompts import read_prompts
 from .stats import FORMAT, VERSION, StatsCheckpoint, check_output
@@ -408,6 +409,7 @@ def collect_statistics(
         if not prompt_list or len(set(prompt_list)) != len(prompt_list):
             raise MemlocError("prompts must be a non-empty list without duplicates")
     out = check_output(out)
+    check_apart(out, prompt_file=prompts if isinstance(prompts, (str, os.PathLike)) else None, model=model)
     if pipe is None:
         pipe = load_pipeline(model, device, dtype)
     Denoiser.check(pipe)

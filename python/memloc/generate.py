@@ -10,7 +10,7 @@ import torch
 
 from .collect import SCHEDULERS, _resolution, _scheduler
 from .errors import MemlocError
-from .io import atomic_path
+from .io import atomic_path, check_apart
 from .localize import read_mask_file
 from .pipeline import denoiser_of, load_pipeline
 from .prompts import read_prompts
@@ -95,6 +95,8 @@ def generate(
     if Path(out).suffix.lower() != ".png":
         raise MemlocError(f"output {out} must be a .png file")
     out = check_output(out)
+    check_apart(out, prompt_file=prompts if isinstance(prompts, (str, os.PathLike)) else None, mask_file=mask,
+                model=model)
     loaded_mask = read_mask_file(mask) if mask is not None else None
     pipe = load_pipeline(model, device, dtype)
     _scheduler(pipe, scheduler)

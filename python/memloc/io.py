@@ -11,6 +11,38 @@ from pathlib import Path
 
 from .errors import MemlocError
 
+#: Written into every output folder memloc makes: only such a folder (or an empty one) is replaced.
+MARKER = ".memloc-output"
+
+
+def check_output_folder(path: str | os.PathLike) -> Path:
+    """An output folder may be new, empty, or one that memloc wrote (it is then replaced whole)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MemlocError(f"output path {path} is a file, expected a folder")
+    resolved, here = path.resolve(), Path.cwd().resolve()
+    if resolved == here or resolved in here.parents:
+        raise MemlocError(f"output folder {path} is the current folder or holds it; name a new folder")
+    if path.is_dir() and not (path / MARKER).exists() and any(path.iterdir()):
+        raise MemlocError(
+            f"output folder {path} exists and holds files memloc did not write; name another folder or remove it"
+        )
+    return path
+
+
+def check_apart(out: str | os.PathLike, **inputs: str | os.PathLike | None) -> None:
+    """Refuse an output that would overwrite an input: the same path, or one inside the other.
+
+    ``inputs`` maps a name for the message (e.g. ``stats``) to a path (None: not given).
+    """
+    target = Path(out).resolve()
+    for name, path in inputs.items():
+        if path is None:
+            continue
+        source = Path(path).resolve()
+        if target == source or source in target.parents or target in source.parents:
+            raise MemlocError(f"output {out} would overwrite the {name.replace('_', ' ')} {path}")
+
 
 def check_writable(path: str | os.PathLike) -> Path:
     """Fail early, before long work, if ``path``'s folder cannot take a new file."""
@@ -48,10 +80,11 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path``, else it is removed."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise MemlocError(f"output path {path} is a file, expected a folder")
+    """Yield a temporary folder beside ``path``; on success it replaces ``path``, else it is removed.
+
+    The folder gets the :data:`MARKER` file, so that a later run may replace it (check_output_folder).
+    """
+    path = check_output_folder(path)
     parent = path.parent if str(path.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
         raise MemlocError(f"output folder {parent} is a file")
@@ -63,6 +96,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise MemlocError(f"output folder {parent} is not writable")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
+        (tmp / MARKER).write_text("written by memloc, which replaces this folder when asked to write it again\n")
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
         if path.exists():

@@ -30,7 +30,7 @@ import memloc_kernels as mk
 from . import __version__
 from .errors import MemlocError
 from .ffn import FFNLayer, check_identity, find_ffn_layers, identity
-from .io import atomic_path
+from .io import atomic_path, check_apart
 from .pipeline import is_hub_id, load_denoiser, resolve_device
 from .prompts import read_prompts
 from .stats import Stats, check_output, load_stats, read_stats_metadata
@@ -383,6 +383,7 @@ def localize(
     """
     sparsity, meta, tau, null = read_options(stats, sparsity, timesteps, null)
     out = check_output(out)
+    check_apart(out, statistics_file=stats, model=model)
     chosen = resolve_subsets(
         meta["prompts"],
         subsets=subsets,

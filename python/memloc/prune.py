@@ -13,7 +13,7 @@ import memloc_kernels as mk
 
 from .errors import MemlocError
 from .ffn import FFNLayer, check_identity, find_ffn_layers, identity
-from .io import atomic_dir
+from .io import atomic_dir, check_apart
 from .localize import MaskFile, read_mask_file, write_mask_file
 from .pipeline import (
     denoiser_component,
@@ -106,6 +106,7 @@ def prune(
     loaded = read_mask_file(mask)
     chosen = select_masks(loaded, subset)
     single = [mk.PackedMask(m.words.unsqueeze(0), m.d_in) for m in chosen]
+    check_apart(out, mask_file=mask, model=model)
     if mask_only:
         check_output(out)
         denoiser, source = load_denoiser(model, device or "cpu", dtype)

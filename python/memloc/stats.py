@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .errors import MemlocError
-from .io import check_writable
+from .io import check_output_folder, check_writable
 
 FORMAT = "memloc-stats"
 VERSION = 1
@@ -61,9 +61,7 @@ def check_output(path: str | os.PathLike) -> Path:
 
 def check_output_dir(path: str | os.PathLike) -> Path:
     """Fail early, before long work, if the output folder ``path`` cannot be written."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise MemlocError(f"output path {path} is a file, expected a folder")
+    path = check_output_folder(path)
     _check_ancestors(path)
     return path
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..cli import add_common_args
 from ..errors import MemlocError
-from ..io import atomic_dir
+from ..io import atomic_dir, check_apart
 
 DESCRIPTION = """\
 Run Carlini et al.'s extraction attack: per prompt, --samples generations with different seeds; a
@@ -63,7 +63,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from ..eval.attack import PROMPT_COLUMNS, AttackConfig, attack_pipeline, csv_row
     from ..eval.loading import default_prompts, default_training, load_pipeline
-    from ..eval.masks import apply_mask_file, driver_apply
+    from ..eval.masks import apply_mask_file, check_mask_for, driver_apply
     from ..eval.report import (
         TABLE1_COLUMNS,
         TABLE1_HEADERS,
@@ -73,6 +73,7 @@ def run(args) -> int:
         write_json,
         write_text,
     )
+    from ..eval.sampling import check_tile_grid
     from ..eval.tiled_l2 import threshold_from_tile_l2
     from ..pipeline import resolve_device, resolve_dtype
 
@@ -102,10 +103,15 @@ def run(args) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     pipe = load_pipeline(args.model, device=device, dtype=dtype)
+    check_tile_grid(pipe, args.tile_grid)
+    if args.mask:
+        check_mask_for(pipe, args.mask)  # another model's mask fails now, not after sampling
 
     compare = bool(args.mask or args.pruned_model)
     models = [("before pruning", "before")] if compare else [("model", "model")]
     results = {}
+    check_apart(args.out, model=args.model, mask_file=args.mask, prompt_file=args.prompts,
+                pruned_model=args.pruned_model)
     with atomic_dir(args.out) as out:
         label, folder = models[0]
         results[label] = attack_pipeline(

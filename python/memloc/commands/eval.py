@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import math
 import time
 from pathlib import Path
 
 from ..cli import add_common_args
 from ..errors import MemlocError
-from ..io import atomic_dir
+from ..io import atomic_dir, check_apart
 
 METHODS = ("none", "mitigation", "pruned")
 DESCRIPTION = """\
@@ -119,10 +120,11 @@ def run(args) -> int:
         load_pipeline,
         read_prompts,
     )
-    from ..eval.masks import apply_mask_file, driver_apply
+    from ..eval.masks import apply_mask_file, check_mask_for, driver_apply
     from ..eval.mitigation import default_target_loss
     from ..eval.quality import AttributeChecker, ClipScorer, InceptionFeatures
     from ..eval.report import markdown_table, write_csv, write_json, write_text
+    from ..eval.sampling import check_tile_grid
     from ..eval.sscd import SSCD
     from ..pipeline import resolve_device, resolve_dtype
 
@@ -130,6 +132,14 @@ def run(args) -> int:
     for name in ("samples", "quality_samples", "steps", "batch_size", "tile_grid", "mitigation_samples"):
         if getattr(args, name) < 1:
             raise MemlocError(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("mitigation_iters", "save_samples"):
+        if getattr(args, name) < 0:
+            raise MemlocError(f"--{name.replace('_', '-')} must be >= 0")
+    for name in ("mitigation_lr", "threshold"):
+        if not math.isfinite(getattr(args, name)) or getattr(args, name) <= 0:
+            raise MemlocError(f"--{name.replace('_', '-')} must be a number > 0, got {getattr(args, name)}")
+    if not math.isfinite(args.guidance):
+        raise MemlocError(f"--guidance must be a finite number, got {args.guidance}")
     config = EvalConfig(
         samples=args.samples,
         steps=args.steps,
@@ -177,9 +187,14 @@ def run(args) -> int:
         raise MemlocError(f"pruned model folder {args.pruned_model} does not exist")
 
     pipe = load_pipeline(args.model, device=device, dtype=dtype)
+    check_tile_grid(pipe, args.tile_grid)
+    if "pruned" in methods and args.mask:
+        check_mask_for(pipe, args.mask)  # another model's mask fails now, not after sampling
     if config.mitigation_target_loss is None:
         config = dataclasses.replace(config, mitigation_target_loss=default_target_loss(pipe))
     summaries, rows = [], []
+    check_apart(args.out, model=args.model, mask_file=args.mask, prompt_file=args.prompts,
+                pruned_model=args.pruned_model)
     with atomic_dir(args.out) as out:
         for method in methods:
             setup = 0.0

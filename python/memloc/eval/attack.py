@@ -10,6 +10,7 @@ other members) is within the threshold of one of them. Before/after pruning uses
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -65,8 +66,11 @@ class AttackConfig:
             raise ValueError(f"min_clique must be >= 2, got {self.min_clique}")
         if not self.threshold > 0:
             raise ValueError(f"threshold must be > 0, got {self.threshold}")
-        if self.steps < 1 or self.batch_size < 1 or self.grid < 1:
-            raise ValueError("steps, batch_size and grid must be >= 1")
+        for name in ("steps", "batch_size", "grid"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not math.isfinite(self.guidance):
+            raise ValueError(f"guidance must be a finite number, got {self.guidance}")
 
     def as_dict(self) -> dict:
         return asdict(self)

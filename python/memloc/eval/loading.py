@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .. import pipeline
+from .. import prompts as prompt_files
 from ..errors import MemlocError
 
 #: Where the embedded memorizing model lives (``--model`` default).
@@ -32,23 +33,26 @@ def load_pipeline(path: str | Path | None, *, device: torch.device, dtype: torch
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a text file (one a line), a JSON list, or JSON Lines with a caption/prompt/text key."""
+    """Prompts from a JSON list or JSON Lines (strings, or objects with a caption/prompt/text key), or
+    from any other prompt file as ``memloc collect`` reads it (``.txt``, ``.csv``: memloc.prompts).
+    A prompt may repeat (each is sampled on its own)."""
     path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".jsonl"):
+        return prompt_files.read_prompts(path, allow_duplicates=True)
     if not path.is_file():
         raise MemlocError(f"prompt file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    prompts: list[str] = []
-    if path.suffix.lower() == ".jsonl":
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                prompts.append(_prompt_of(json.loads(line), path, number))
-    elif path.suffix.lower() == ".json":
-        data = json.loads(text)
-        if not isinstance(data, list):
-            raise MemlocError(f"{path} must hold a JSON list of prompts")
-        prompts = [_prompt_of(item, path, i + 1) for i, item in enumerate(data)]
-    else:
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+        if suffix == ".jsonl":
+            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            items = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MemlocError(f"prompt file {path} is not valid {suffix[1:].upper()} ({exc})") from None
+    if not isinstance(items, list):
+        raise MemlocError(f"{path} must hold a JSON list of prompts")
+    prompts = [_prompt_of(item, path, i + 1) for i, item in enumerate(items)]
     if not prompts:
         raise MemlocError(f"prompt file {path} holds no prompts")
     return prompts

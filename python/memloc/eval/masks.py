@@ -33,6 +33,8 @@ def driver_apply(mask_path: str | Path) -> Callable:
             f"--mask needs {DRIVER_MODULE}, which this installation lacks; prune with `memloc prune` and "
             "pass the pruned pipeline folder with --pruned-model instead"
         ) from None
+    if callable(getattr(driver, "read_mask_file", None)):
+        driver.read_mask_file(path)  # a file that is no mask file fails here, not after the sampling
     if callable(getattr(driver, "apply_mask_file", None)):
         return driver.apply_mask_file
     if all(callable(getattr(driver, name, None)) for name in ("apply_masks", "read_mask_file", "denoiser_of")):
@@ -43,6 +45,21 @@ def driver_apply(mask_path: str | Path) -> Callable:
 
         return apply
     raise MemlocError(f"{DRIVER_MODULE} offers no way to apply a mask file here; pass --pruned-model instead")
+
+
+def check_mask_for(pipe, mask_path: str | Path) -> None:
+    """Refuse, before any sampling, a mask file made for another model than ``pipe``'s (when the
+    driver offers the check; otherwise applying it checks)."""
+    try:
+        driver = importlib.import_module(DRIVER_MODULE)
+    except ModuleNotFoundError:
+        return
+    needed = ("read_mask_file", "denoiser_of", "find_ffn_layers", "identity", "check_identity")
+    if not all(callable(getattr(driver, name, None)) for name in needed):
+        return
+    denoiser = driver.denoiser_of(pipe)
+    actual = driver.identity(denoiser, driver.find_ffn_layers(denoiser), getattr(pipe, "memloc_source", None))
+    driver.check_identity(driver.read_mask_file(mask_path).meta["model"], actual, f"mask file {mask_path}")
 
 
 def apply_mask_file(pipe, mask_path: str | Path, *, backend: str = "auto") -> None:

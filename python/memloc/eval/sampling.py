@@ -71,6 +71,15 @@ def latent_shape(pipe) -> tuple[int, int, int]:
     return pipe.unet.config.in_channels, height, width
 
 
+def check_tile_grid(pipe, grid: int) -> None:
+    """Refuse, before any sampling, a tile grid finer than the pipeline's images have pixels."""
+    _, height, width = latent_shape(pipe)
+    scale = int(getattr(pipe, "vae_scale_factor", 8))
+    side = min(height, width) * scale
+    if not 1 <= grid <= side:
+        raise MemlocError(f"--tile-grid must be in 1..{side} for {height * scale}x{width * scale} images, got {grid}")
+
+
 def initial_noise(pipe, seeds: Sequence[int]) -> torch.Tensor:
     """Standard normal noise, one CPU generator per seed, so a seed gives the same noise on any device."""
     device, dtype = execution(pipe)
