@@ -264,6 +264,11 @@ BAD_INPUTS = [
     ("generate-mask-other-model", lambda e, o: ["generate", "--model", str(e["other_weights"]), "--mask",
                                                 str(e["mask"]), "--prompts", str(e["prompts"]), "--out", str(o)],
      "different model", "g.png"),
+    ("generate-guidance-nan", lambda e, o: ["generate", "--model", str(e["model"]), "--prompts", str(e["prompts"]),
+                                            "--guidance-scale", "nan", "--out", str(o)], "finite number", "g.png"),
+    ("generate-subset-without-mask", lambda e, o: ["generate", "--model", str(e["model"]), "--prompts",
+                                                   str(e["prompts"]), "--subset-index", "0", "--out", str(o)],
+     "give --mask too", "g.png"),
     ("generate-not-png", lambda e, o: ["generate", "--model", str(e["model"]), "--prompts", str(e["prompts"]),
                                        "--out", str(o)], "must be a .png", "g.jpg"),
 ]

@@ -75,3 +75,19 @@ def test_missing_folder_and_non_utf8_are_refused(tmp_path):
 
 def test_duplicates_allowed_when_asked(tmp_path):
     assert read_prompts(_write(tmp_path, "d.txt", "a\na\n"), allow_duplicates=True) == ["a", "a"]
+
+
+def test_sampled_subsets_are_distinct():
+    import math
+
+    from memloc.localize import resolve_subsets
+
+    prompts = [f"p{i}" for i in range(8)]
+    subsets = resolve_subsets(prompts, n_subsets=20, subset_size=4, seed=0)
+    assert len(subsets) == 20 and len({tuple(s) for s in subsets}) == 20
+    assert all(len(s) == 4 and s == sorted(s) for s in subsets)
+    every = resolve_subsets(prompts, n_subsets=math.comb(8, 2), subset_size=2, seed=1)
+    assert len({tuple(s) for s in every}) == 28  # all pairs
+    assert resolve_subsets(prompts, n_subsets=20, subset_size=4, seed=0) == subsets  # the seed decides
+    with pytest.raises(MemlocError, match="only 28 distinct subsets of 2 of the 8 prompts"):
+        resolve_subsets(prompts, n_subsets=29, subset_size=2, seed=0)

@@ -185,7 +185,7 @@ def test_bad_settings_fail_before_sampling(files, tmp_path, capsys, monkeypatch,
     monkeypatch.setattr(memloc.eval.attack, "attack_pipeline", no_sampling)
     monkeypatch.setattr(memloc.eval.compare, "evaluate_method", no_sampling)
     out = tmp_path / command
-    code = main([command, "--model", str(files / "model"), "--prompts", str(files / "prompts.txt"), "--samples", "2",
+    code = main([command, "--model", str(files / "model"), "--prompts", str(files / "prompts.txt"), "--samples", "3",
                  "--steps", "1", "--device", "cpu", "--out", str(out), *extra])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

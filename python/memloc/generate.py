@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -92,6 +93,10 @@ def generate(
         raise MemlocError(f"--steps must be >= 1, got {steps}")
     if scheduler is not None and scheduler not in SCHEDULERS and not scheduler.endswith("Scheduler"):
         raise MemlocError(f"--scheduler must be one of {', '.join(SCHEDULERS)} or a diffusers scheduler class")
+    if guidance_scale is not None and not math.isfinite(guidance_scale):
+        raise MemlocError(f"--guidance-scale must be a finite number, got {guidance_scale}")
+    if subset is not None and mask is None:
+        raise MemlocError("--subset-index picks a subset of --mask; give --mask too")
     if Path(out).suffix.lower() != ".png":
         raise MemlocError(f"output {out} must be a .png file")
     out = check_output(out)

@@ -101,8 +101,20 @@ def resolve_subsets(
             raise MemlocError(f"--subsets must be >= 1, got {n_subsets}")
         if subset_size is None or not 1 <= subset_size <= count:
             raise MemlocError(f"--subset-size must be in 1..{count} (the prompts in the statistics), got {subset_size}")
+        distinct = math.comb(count, subset_size)
+        if n_subsets > distinct:
+            raise MemlocError(
+                f"--subsets {n_subsets}: only {distinct} distinct subsets of {subset_size} of the {count} prompts exist"
+            )
+        # distinct subsets (a repeat would inflate the mean IoU): a repeat is drawn again, so a seed
+        # whose draws never repeat gives the same subsets as plain draws
         generator = torch.Generator().manual_seed(seed)
-        subsets = [sorted(torch.randperm(count, generator=generator)[:subset_size].tolist()) for _ in range(n_subsets)]
+        subsets, seen = [], set()
+        while len(subsets) < n_subsets:
+            subset = sorted(torch.randperm(count, generator=generator)[:subset_size].tolist())
+            if tuple(subset) not in seen:
+                seen.add(tuple(subset))
+                subsets.append(subset)
     elif subsets is None:
         if subset_size is not None:
             raise MemlocError("--subset-size needs --subsets N")
