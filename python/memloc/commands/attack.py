@@ -100,6 +100,8 @@ def run(args) -> int:
         driver_apply(args.mask)  # fail now, not after hours of sampling
     if args.pruned_model and not Path(args.pruned_model).is_dir():
         raise MemlocError(f"pruned model folder {args.pruned_model} does not exist")
+    check_apart(args.out, model=args.model, mask_file=args.mask, prompt_file=args.prompts,
+                pruned_model=args.pruned_model)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     pipe = load_pipeline(args.model, device=device, dtype=dtype)
@@ -110,8 +112,6 @@ def run(args) -> int:
     compare = bool(args.mask or args.pruned_model)
     models = [("before pruning", "before")] if compare else [("model", "model")]
     results = {}
-    check_apart(args.out, model=args.model, mask_file=args.mask, prompt_file=args.prompts,
-                pruned_model=args.pruned_model)
     with atomic_dir(args.out) as out:
         label, folder = models[0]
         results[label] = attack_pipeline(

@@ -161,6 +161,8 @@ def run(args) -> int:
             raise MemlocError("--limit must be >= 1")
         prompts = prompts[: args.limit]
     quality_prompts = read_prompts(args.quality_prompts) if args.quality_prompts else None
+    check_apart(args.out, model=args.model, mask_file=args.mask, prompt_file=args.prompts,
+                pruned_model=args.pruned_model)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
 
@@ -193,8 +195,6 @@ def run(args) -> int:
     if config.mitigation_target_loss is None:
         config = dataclasses.replace(config, mitigation_target_loss=default_target_loss(pipe))
     summaries, rows = [], []
-    check_apart(args.out, model=args.model, mask_file=args.mask, prompt_file=args.prompts,
-                pruned_model=args.pruned_model)
     with atomic_dir(args.out) as out:
         for method in methods:
             setup = 0.0

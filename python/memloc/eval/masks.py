@@ -33,8 +33,6 @@ def driver_apply(mask_path: str | Path) -> Callable:
             f"--mask needs {DRIVER_MODULE}, which this installation lacks; prune with `memloc prune` and "
             "pass the pruned pipeline folder with --pruned-model instead"
         ) from None
-    if callable(getattr(driver, "read_mask_file", None)):
-        driver.read_mask_file(path)  # a file that is no mask file fails here, not after the sampling
     if callable(getattr(driver, "apply_mask_file", None)):
         return driver.apply_mask_file
     if all(callable(getattr(driver, name, None)) for name in ("apply_masks", "read_mask_file", "denoiser_of")):
