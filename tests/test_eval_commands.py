@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from memloc.cli import main
+from memloc.cli import build_parser, main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,6 +80,7 @@ def test_attack_with_a_mask_goes_through_the_driver(files, tmp_path, monkeypatch
                 if name.endswith("ff.net.2.weight"):
                     param.zero_()
 
+    build_parser()  # the commands import the real driver first, whatever ran before this test
     fake = type(sys)("memloc.prune")
     fake.apply_mask_file = apply_mask_file
     monkeypatch.setitem(sys.modules, "memloc.prune", fake)
@@ -99,6 +100,7 @@ def test_attack_with_a_mask_goes_through_the_driver(files, tmp_path, monkeypatch
 def test_attack_mask_without_driver_fails_before_sampling(files, tmp_path, monkeypatch, capsys):
     mask = tmp_path / "mask.safetensors"
     mask.write_bytes(b"x")
+    build_parser()  # the commands import the real driver first, whatever ran before this test
     monkeypatch.setitem(sys.modules, "memloc.prune", None)
     out = tmp_path / "attack"
     model, prompts = str(files / "model"), str(files / "prompts.txt")
