@@ -293,7 +293,7 @@ def read_mask_file(path: str | os.PathLike, device: str | torch.device = "cpu") 
 
     path = Path(path)
     if not path.is_file():
-        raise MemlocError(f"mask file {path} does not exist")
+        raise MemlocError(f"mask file {path} {'is a folder' if path.is_dir() else 'does not exist'}")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             raw = (f.metadata() or {}).get(MASK_KEY)

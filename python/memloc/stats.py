@@ -237,7 +237,7 @@ def read_stats_metadata(path: str | os.PathLike) -> dict:
     """Check that ``path`` is a complete memloc statistics file (without reading its data); its metadata."""
     path = Path(path)
     if not path.is_file():
-        raise MemlocError(f"statistics file {path} does not exist")
+        raise MemlocError(f"statistics file {path} {'is a folder' if path.is_dir() else 'does not exist'}")
     header, _ = _read_header(path)
     raw = header.get("__metadata__", {}).get(METADATA_KEY) if isinstance(header.get("__metadata__"), dict) else None
     try:

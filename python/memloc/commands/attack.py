@@ -152,5 +152,5 @@ def run(args) -> int:
         rows = [csv_row(r) for label_rows in results.values() for r in label_rows]
         write_csv(out / "per_prompt.csv", rows, PROMPT_COLUMNS)
     print(text, end="")
-    print(f"wrote {args.out}/table1.md, per_prompt.csv, cliques/")
+    print(f"wrote {Path(args.out) / 'table1.md'}, per_prompt.csv, cliques/")
     return 0

@@ -242,7 +242,7 @@ def run(args) -> int:
         write_csv(out / "per_prompt.csv", rows, PROMPT_COLUMNS)
         _figures(out, summaries)
     print(text, end="")
-    print(f"wrote {args.out}/summary.md, per_prompt.csv, figures")
+    print(f"wrote {Path(args.out) / 'summary.md'}, per_prompt.csv, figures")
     return 0
 
 
