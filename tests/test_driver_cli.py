@@ -112,6 +112,10 @@ def test_localize_prune_generate_analyze_end_to_end(env, tmp_path):
 
     image = np.asarray(Image.open(grid))
     assert image.shape == (4 * IMAGE + 3 * 4, 2 * IMAGE + 4, 3)
+    legend = json.loads((tmp_path / "grid.json").read_text())  # which row is which
+    assert [(r["prompt"], r["seed"]) for r in legend["rows"]] == [
+        ("a photo of a cat", 0), ("a photo of a cat", 1), ("the mona lisa", 0), ("the mona lisa", 1)]
+    assert legend["columns"] == ["original", "pruned"] and legend["steps"] == 1 and legend["mask"] == str(env["mask"])
     # the pruned column equals what the saved pruned pipeline generates with the same seeds
     alone = tmp_path / "alone.png"
     assert cli.main(["generate", "--model", str(pruned_dir), "--prompts", str(short), "--seeds", "0", "1",

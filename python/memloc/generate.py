@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -80,7 +81,8 @@ def generate(
     """Write a PNG grid: one row per (prompt, seed), columns original and (with ``mask``) pruned.
 
     ``steps`` and ``guidance_scale`` default to 50 and 7.5; the mask (its union over subsets, or
-    ``subset``) is applied in place for the pruned column and undone afterwards.
+    ``subset``) is applied in place for the pruned column and undone afterwards. Beside the grid,
+    ``<out>.json`` names each row's prompt and seed, the columns and the settings.
     """
     prompt_list = read_prompts(prompts) if isinstance(prompts, (str, os.PathLike)) else [str(p) for p in prompts]
     if not prompt_list:
@@ -100,8 +102,10 @@ def generate(
     if Path(out).suffix.lower() != ".png":
         raise MemlocError(f"output {out} must be a .png file")
     out = check_output(out)
-    check_apart(out, prompt_file=prompts if isinstance(prompts, (str, os.PathLike)) else None, mask_file=mask,
-                model=model)
+    legend = check_output(out.with_suffix(".json"))
+    for path in (out, legend):
+        check_apart(path, prompt_file=prompts if isinstance(prompts, (str, os.PathLike)) else None, mask_file=mask,
+                    model=model)
     loaded_mask = read_mask_file(mask) if mask is not None else None
     pipe = load_pipeline(model, device, dtype)
     _scheduler(pipe, scheduler)
@@ -126,9 +130,21 @@ def generate(
             columns.append(render(pipe, jobs, desc="pruned", **settings))
         finally:
             pruning.undo()
+    record = {
+        "rows": [{"row": i, "prompt": p, "seed": int(s)} for i, (p, s) in enumerate(jobs)],
+        "columns": ["original", "pruned"][: len(columns)],
+        "model": str(model) if model is not None else getattr(pipe, "memloc_source", None),
+        "mask": str(mask) if mask is not None else None,
+        "subset": subset,
+        **{k: v for k, v in settings.items() if k != "progress"},
+        "scheduler": type(pipe.scheduler).__name__,
+    }
     try:
+        with atomic_path(legend) as tmp:
+            tmp.write_text(json.dumps(record, indent=1) + "\n")
         with atomic_path(out) as tmp:
             image_grid(columns).save(tmp, format="PNG")
     except OSError as exc:
+        legend.unlink(missing_ok=True)
         raise MemlocError(f"cannot write {out}: {exc.strerror or exc}") from None
     return out

@@ -51,5 +51,5 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         backend=args.backend,
     )
-    print(f"wrote {path}")
+    print(f"wrote {path} and {path.with_suffix('.json')}")
     return 0
