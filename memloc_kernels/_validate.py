@@ -99,15 +99,6 @@ def bool_mask(name: str, x) -> None:
         raise ValueError(f"{name} must have a non-empty last (column) dim, got shape {tuple(x.shape)}")
 
 
-def clean_padding(name: str, words: torch.Tensor, d_in: int) -> None:
-    """A PackedMask's bits past ``d_in`` in each last word must be zero (they would be counted)."""
-    if d_in % 32 == 0 or words.numel() == 0:
-        return
-    pad = torch.tensor(-(1 << (d_in % 32)), dtype=torch.int32, device=words.device)  # bits d_in % 32 .. 31
-    if bool((words[..., -1] & pad).any()):
-        raise ValueError(f"{name} has bits set past column {d_in - 1} (a PackedMask's padding bits must be zero)")
-
-
 def not_requiring_grad(name: str, x: torch.Tensor) -> None:
     """In-place ops on a tensor autograd tracks would bypass it: refuse them, as torch does for leaves."""
     if x.requires_grad and torch.is_grad_enabled():

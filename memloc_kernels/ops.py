@@ -308,7 +308,7 @@ def _as_words(name: str, mask, shape: tuple[int, int], device, backend: str) -> 
             raise ValueError(f"{name} must have shape {list(shape)}, got {list(mask.shape)}")
         if mask.device != device:
             raise ValueError(f"{name} is on {mask.device}, expected {device} (the weight's device)")
-        v.clean_padding(name, mask.words, mask.d_in)
+        mask.check_padding(name)
         return PackedMask(mask.words.contiguous(), mask.d_in)
     v.bool_mask(name, mask)
     if tuple(mask.shape) != shape:
@@ -352,7 +352,7 @@ def restore(weight: torch.Tensor, record: PruneRecord, *, backend: str = "auto")
         got = f"{removed.dtype} of shape {tuple(removed.shape)}" if isinstance(removed, torch.Tensor) else type(removed)
         raise ValueError(f"record.removed must be a 1-D {weight.dtype} tensor, got {got}")
     words = words.contiguous()
-    v.clean_padding("record.mask", words, record.mask.d_in)
+    record.mask.check_padding("record.mask")
     selected = int(select("mask_popcount", backend, weight.device).mask_popcount(words).sum())
     if removed.numel() != selected:
         raise ValueError(f"record.removed holds {removed.numel()} values but record.mask selects {selected}")
@@ -366,7 +366,7 @@ def _words2d(name: str, masks, backend: str, batched: bool) -> tuple[torch.Tenso
     """Masks as int32 words ``[N, W]`` plus the number of mask elements per row of that view."""
     if isinstance(masks, PackedMask):
         words, d_in = masks.words.contiguous(), masks.d_in
-        v.clean_padding(name, words, d_in)
+        masks.check_padding(name)
     else:
         v.bool_mask(name, masks)
         packed = pack_mask(masks, backend=backend)

@@ -33,6 +33,14 @@ class PackedMask:
                 f"got shape {tuple(self.words.shape)}"
             )
 
+    def check_padding(self, name: str = "mask") -> None:
+        """Raise ValueError if a bit past ``d_in`` is set in some last word (one device sync)."""
+        if self.d_in % 32 == 0 or self.words.numel() == 0:
+            return
+        # arithmetic shift: the sign bit (column 31 of the word) counts too
+        if bool((self.words[..., -1] >> (self.d_in % 32)).any()):
+            raise ValueError(f"{name} has bits set past column {self.d_in - 1} (padding bits must be zero)")
+
     @property
     def shape(self) -> tuple[int, ...]:
         """Shape of the boolean mask this packs."""

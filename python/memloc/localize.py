@@ -314,9 +314,12 @@ def read_mask_file(path: str | os.PathLike, device: str | torch.device = "cpu") 
                         f"{path} is malformed: layer {name} holds {words.dtype} {tuple(words.shape)}, "
                         f"expected int32 [S, {d_out}, {mk.n_words(d_in)}]"
                     )
-                if d_in % 32 and bool((words[..., -1] >> (d_in % 32)).any()):  # arithmetic shift: sign bit too
-                    raise MemlocError(f"{path} is malformed: layer {name} has bits set past column {d_in - 1}")
-                masks.append(mk.PackedMask(words.to(device), d_in))
+                packed = mk.PackedMask(words, d_in)
+                try:
+                    packed.check_padding(f"layer {name}")
+                except ValueError as exc:
+                    raise MemlocError(f"{path} is malformed: {exc}") from None
+                masks.append(packed.to(device))
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise MemlocError(f"{path} is not a readable memloc mask file ({exc})") from None
     if not masks:
